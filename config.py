@@ -1,0 +1,219 @@
+"""
+Every setting in one dataclass, with named presets and safe command-line overrides.
+
+    python train.py                                   # the defaults below: Multi30k en->de
+    python train.py --preset=tiny --device=cpu        # a preset, then overrides on top of it
+    python train.py --preset=base --lr=5e-4 --max_minutes=30
+
+Overrides are `--key=value`. Values are parsed as Python literals (numbers, True/False, quoted strings) and never
+executed; a bare word is taken as a string where the setting is a string. Unknown keys and wrong types stop the
+program with one line that names the closest valid keys.
+"""
+import ast
+import difflib
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+
+
+class UserError(Exception):
+    """Something the user can fix (a bad flag, a missing file): the scripts print it as one line and exit 1."""
+
+
+@dataclass
+class Config:
+    # --- data
+    data_dir: str = "data/multi30k"  # local parallel files {split}.{lang}[.gz]; read if the folder exists
+    hf_dataset: str = "bentrevett/multi30k"  # else this Hub dataset (empty: local files only)
+    hf_config: str = ""  # Hub configuration name, e.g. "en-it" for Helsinki-NLP/opus_books
+    src_lang: str = "en"  # English -> German is the classic Multi30k direction
+    tgt_lang: str = "de"
+    splits: str = "train,val,test_2016_flickr"  # local file names of train,validation,test (Multi30k's)
+    hf_splits: str = "train,validation,test"  # Hub split names; missing val/test are carved from train
+    holdout: int = 1000  # sentences carved for val and for test when the Hub dataset only has train
+    split_seed: int = 1234  # fixed, so a carved split never changes across runs or resumes
+    cache_dir: str = "data/cache"  # tokenizer and token ids cached here: an epoch does no text work
+    # --- tokenizer
+    tokenizer: str = "bpe"  # "bpe" (subwords, shared by both languages) or "word" (the classic word vocabulary)
+    vocab_size: int = 8000  # 8-10k suits 29k sentence pairs: few unknown words, frequent enough subwords
+    min_frequency: int = 2  # word level: rarer words become <unk>
+    max_len: int = 128  # most tokens per sentence, BOS/EOS included; longer training pairs are dropped
+    # --- model
+    d_model: int = 512  # width of every residual stream vector
+    n_heads: int = 8  # d_model / n_heads = 64 dimensions per head, as in the paper
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    d_ff: int = 2048  # inner width of the feed-forward layer, 4 x d_model
+    dropout: float = 0.1  # on embeddings, sublayer outputs and the FFN (section 5.4)
+    attn_dropout: float = 0.1  # on attention weights
+    pre_norm: bool = True  # pre-norm trains stably without a long warmup; False = the paper's post-norm
+    tie_embeddings: bool = True  # one shared matrix for both embeddings and the output (section 3.4)
+    # --- optimization
+    max_tokens: int = 8192  # token budget of one batch (per process), padding included
+    grad_accum: int = 1  # batches per optimizer step: a larger effective batch without more memory
+    lr: float = 7e-4  # peak learning rate, reached at the end of warmup
+    head_lr: float = 0.0  # --finetune=all: learning rate of the head (0: same as lr)
+    warmup_steps: int = 4000  # linear warmup, then lr * sqrt(warmup / step) (the paper's schedule, section 5.3)
+    weight_decay: float = 0.01  # AdamW decay on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.98  # the paper's value: adapts faster than 0.999 to the changing gradient scale
+    grad_clip: float = 1.0  # clip the global gradient norm: one bad batch cannot wreck the weights
+    label_smoothing: float = 0.1  # section 5.4: hurts perplexity, helps BLEU
+    # --- budgets (whichever comes first; 0 = no limit)
+    max_steps: int = 0  # total optimizer steps, counted across resumes
+    max_epochs: int = 30
+    max_minutes: float = 0.0  # wall clock of this process
+    # --- validation, decoding and checkpoints
+    eval_interval: int = 0  # validate every N steps (0: at the end of each epoch)
+    eval_max_tokens: int = 8192  # token budget of a decoding batch
+    beam_size: int = 5  # beam search width for validation, test and translate.py (1 = greedy)
+    length_penalty: float = 1.0  # hypothesis score / length ** length_penalty: offsets beam search's short bias
+    max_len_a: float = 1.5  # a translation has at most a * source_length + b tokens
+    max_len_b: int = 10
+    n_examples: int = 3  # source / reference / hypothesis examples shown at each validation
+    patience: int = 0  # stop after this many validations without a better BLEU (0: never)
+    avg_last: int = 0  # at the end, average the weights of the last N validations (0: off)
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+    # --- fine-tuning
+    init_from: str = ""  # a checkpoint (file or run directory) to start from: its weights and tokenizer
+    finetune: str = ""  # "" trains from init_from as it is; "head" trains only the head; "all" everything
+    # --- system
+    out_dir: str = "out"  # ckpt.pt (latest), best.pt (best validation BLEU), config.json, tokenizer.json
+    device: str = "auto"  # cuda, then mps, then cpu
+    dtype: str = "auto"  # bf16 where supported, else fp16 with a scaler on CUDA, fp32 on CPU
+    compile: str = "auto"  # torch.compile: on for CUDA, off elsewhere (it does not pay off on CPU)
+    pad_multiple: int = 1  # round batch lengths up to a multiple of this: fewer shapes for torch.compile
+    seed: int = 1337
+    log_interval: int = 50  # steps between progress updates (the only host syncs of the loop)
+    tensorboard: bool = True  # write TensorBoard logs to out_dir/tb
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's base model: what `python train.py` trains by default.
+    "base": {},
+    # Learns a useful en->de translator on a laptop CPU within an hour.
+    "tiny": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, dropout=0.1,
+                 attn_dropout=0.0, max_tokens=4096, lr=1.5e-3, warmup_steps=600, vocab_size=8000,
+                 beam_size=4, max_epochs=100, eval_interval=400, log_interval=20),
+    # Multi30k quality presets for one GPU: a mid-size model with strong regularization for 29k pairs.
+    "multi30k_en_de": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048,
+                           dropout=0.3, attn_dropout=0.1, max_tokens=16384, lr=1e-3, warmup_steps=1000,
+                           vocab_size=8000, max_epochs=60, beam_size=5, avg_last=5, patience=8),
+    "multi30k_de_en": dict(src_lang="de", tgt_lang="en", d_model=512, n_heads=8, n_encoder_layers=6,
+                           n_decoder_layers=6, d_ff=2048, dropout=0.3, attn_dropout=0.1, max_tokens=16384,
+                           lr=1e-3, warmup_steps=1000, vocab_size=8000, max_epochs=60, avg_last=5, patience=8),
+    "multi30k_en_fr": dict(tgt_lang="fr", d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6,
+                           d_ff=2048, dropout=0.3, attn_dropout=0.1, max_tokens=16384, lr=1e-3, warmup_steps=1000,
+                           vocab_size=8000, max_epochs=60, avg_last=5, patience=8),
+}
+
+
+def _convert(name: str, text: str, default):
+    """Parse one override as a literal of the field's type; never evaluates code."""
+    kind = type(default)
+    if kind is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if kind is str:
+            return text
+        raise UserError(f"--{name}={text}: expected a {kind.__name__} value") from None
+    if kind is float and type(value) is int:
+        value = float(value)
+    if kind is str and not isinstance(value, str):
+        value = text  # e.g. --out_dir=2024 stays the string "2024"
+    if type(value) is not kind:
+        raise UserError(f"--{name}={text}: expected a {kind.__name__} value, got {type(value).__name__}")
+    return value
+
+
+def parse_args(argv: list[str], defaults, allow_positional: bool = False):
+    """Apply `--key=value` flags to a dataclass instance. Returns (new instance, positional arguments)."""
+    names = {f.name for f in fields(defaults)}
+    values, positional = {}, []
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not allow_positional:
+                raise UserError(f"unexpected argument {arg!r}: settings are given as --key=value")
+            positional.append(arg)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            raise UserError(f"unknown setting --{key}{hint}")
+        if not eq:
+            raise UserError(f"--{key} needs a value: --{key}=VALUE")
+        values[key] = _convert(key, text, getattr(defaults, key))
+    return replace(defaults, **values), positional
+
+
+# What fixes the shape of a model and its vocabulary: taken from the checkpoint when fine-tuning or resuming.
+MODEL_KEYS = ["d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "pre_norm", "tie_embeddings",
+              "max_len", "tokenizer", "vocab_size", "min_frequency"]
+
+
+def get_config(argv: list[str], base: Config | None = None) -> Config:
+    """The Config for a command line: the preset named by --preset (default "base"), then the overrides.
+    With base (a resumed run's config), the overrides apply to it and --preset is ignored."""
+    preset = "base"
+    rest = []
+    for arg in argv:
+        if arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg, _ = parse_args(rest, base if base is not None else replace(Config(), **PRESETS[preset]))
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    """Values that parse but cannot work."""
+    positive = ["d_model", "n_heads", "d_ff", "max_tokens", "grad_accum", "vocab_size", "max_len", "beam_size",
+                "eval_max_tokens", "max_bad_steps", "log_interval", "pad_multiple", "n_encoder_layers",
+                "n_decoder_layers"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.d_model % cfg.n_heads:
+        raise UserError(f"--d_model={cfg.d_model} must be divisible by --n_heads={cfg.n_heads}")
+    if cfg.lr <= 0 or cfg.head_lr < 0:
+        raise UserError("--lr must be positive and --head_lr non-negative")
+    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.attn_dropout < 1 or not 0 <= cfg.label_smoothing < 1:
+        raise UserError("dropout and label_smoothing must be in [0, 1)")
+    for name in ("max_steps", "max_epochs", "max_minutes", "warmup_steps", "eval_interval", "patience", "avg_last"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative")
+    if cfg.tokenizer not in ("bpe", "word"):
+        raise UserError(f"--tokenizer must be 'bpe' or 'word', got {cfg.tokenizer!r}")
+    if cfg.finetune not in ("", "head", "all"):
+        raise UserError(f"--finetune must be 'head' or 'all', got {cfg.finetune!r}")
+    if cfg.finetune and not cfg.init_from:
+        raise UserError("--finetune needs --init_from=CHECKPOINT")
+    if cfg.src_lang == cfg.tgt_lang:
+        raise UserError("--src_lang and --tgt_lang must differ")
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from a checkpoint's plain dict (keys unknown to this version are ignored)."""
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in names})
+
+
+def run_main(main) -> None:
+    """Run a script's main(): a UserError becomes one line on stderr and exit code 1, never a traceback."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+__all__ = ["Config", "PRESETS", "MODEL_KEYS", "UserError", "get_config", "parse_args", "check", "config_from_dict", "asdict",
+           "run_main"]

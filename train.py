@@ -1,0 +1,369 @@
+"""
+Train a translator: validation BLEU as it goes, atomic checkpoints, exact resume, one or many GPUs.
+
+    python train.py                                           # base model, Multi30k en->de, best device
+    python train.py --preset=tiny --device=cpu --max_minutes=60 --out_dir=out-tiny
+    python train.py --preset=tiny --device=cpu --out_dir=out-tiny     # again: resumes from out-tiny/ckpt.pt
+    python train.py --data_dir=../shared/data/multi30k --src_lang=de --tgt_lang=en
+    torchrun --standalone --nproc-per-node=4 train.py         # DDP, one process per GPU
+    python train.py --init_from=out-tiny --finetune=all --tgt_lang=fr --out_dir=out-fr   # fine-tune
+
+Ctrl-C or SIGTERM saves a checkpoint and exits 0; running the same command again continues exactly where it
+stopped. The last line on stdout is the test score, e.g. `test sacreBLEU=38.21 chrF=63.40 n=1000 beam=5`.
+"""
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from config import MODEL_KEYS, Config, UserError, config_from_dict, get_config, run_main
+from dataset import Tokenizer, load_data, log
+from model import Transformer
+from translate import build_model, checkpoint_path, pick_device, read_checkpoint, score, translate_sentences
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Section 5.3: linear warmup, then decay with the inverse square root of the step (1.0 at the peak)."""
+    step = step + 1
+    return min(step / warmup, math.sqrt(warmup / step)) if warmup > 0 else 1.0 / math.sqrt(step)
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves either the old
+    file or the new one, never half of one. A failed write keeps the previous checkpoint and stops the run."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact") from None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_config(argv: list[str]) -> tuple[Config, dict | None, dict | None]:
+    """The run's config, plus the checkpoint to resume from or the one to initialize from (fine-tuning).
+    A run directory that already holds ckpt.pt is resumed: its config, with the new command-line overrides."""
+    cfg = get_config(argv)
+    resume_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.exists(resume_path):
+        ckpt = read_checkpoint(resume_path)
+        explicit = [a for a in argv if not a.startswith("--preset=")]
+        cfg = get_config(explicit, base=config_from_dict(ckpt["config"]))
+        changed = [k for k in MODEL_KEYS if getattr(cfg, k) != ckpt["config"].get(k)]
+        if changed:
+            raise UserError(f"{resume_path} was trained with other {', '.join(changed)}; use another --out_dir")
+        return cfg, ckpt, None
+    if cfg.init_from:
+        init = read_checkpoint(checkpoint_path(cfg.init_from))
+        # The model's shape and vocabulary are the checkpoint's; everything else is this command line's.
+        cfg = config_from_dict({**asdict(cfg), **{k: init["config"][k] for k in MODEL_KEYS if k in init["config"]}})
+        return cfg, None, init
+    return cfg, None, None
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, str]:
+    """Under torchrun: one process per device, NCCL on GPUs, gloo on CPU. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_arg)
+    device = pick_device(device_arg)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether fp16 needs a gradient scaler)."""
+    kind = device.split(":")[0]
+    want = cfg.dtype
+    if want == "auto":
+        want = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if kind == "cuda" else "float32"
+    if want not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {want!r}")
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
+    return dtype, dtype is torch.float16 and kind == "cuda"
+
+
+@torch.no_grad()
+def validate(model: Transformer, data, cfg: Config, device: str, autocast, split: str = "val",
+             n_examples: int = 0) -> dict:
+    """Loss over the pairs that fit max_len, and sacreBLEU / chrF of the model's beam search over the whole split."""
+    part = getattr(data, split)
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    with autocast:
+        for idx in part.batches(cfg.eval_max_tokens, shuffle=False):
+            src, tgt_in, labels = part.batch(idx, device)
+            logits = model(src, tgt_in)
+            total += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=model.pad_id,
+                                     reduction="sum")
+            count += int(part.tgt_len[idx].sum())
+        hyps = translate_sentences(model, data.tokenizer, part.src_text, cfg.beam_size)
+    bleu, chrf = score(hyps, part.tgt_text)
+    for i in range(min(n_examples, len(hyps))):
+        tqdm.write(f"  src: {part.src_text[i]}\n  ref: {part.tgt_text[i]}\n  hyp: {hyps[i]}", file=sys.stderr)
+    model.train()
+    return {"loss": float(total) / max(count, 1), "bleu": bleu, "chrf": chrf, "n": len(hyps), "hyps": hyps}
+
+
+def main(argv: list[str]) -> None:
+    cfg, resume, init = resolve_config(argv)
+    rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    if master:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(asdict(cfg), f, indent=1)
+        except OSError as e:
+            raise UserError(f"cannot write to --out_dir={cfg.out_dir}: {e.strerror or e}") from None
+        log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+        log(f"device: {device}, {world} process(es)" + (f", resuming from {cfg.out_dir}/ckpt.pt" if resume else ""))
+
+    # --- data and tokenizer (a resumed or fine-tuned run keeps the checkpoint's tokenizer)
+    source = resume or init
+    tok = Tokenizer.from_str(source["tokenizer"]) if source else None
+    data = load_data(cfg, tok)
+    tok = data.tokenizer
+    if master:
+        with open(os.path.join(cfg.out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(tok.to_str())
+
+    # --- model, optimizer, precision
+    if source:
+        model, _ = build_model({**source, "config": asdict(cfg)}, device, verbose=master)
+        model.train()
+    else:
+        model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=master).to(device)
+    if cfg.finetune == "head":
+        head = {id(p) for p in model.head_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    cuda = device.startswith("cuda")
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                          head_lr=(cfg.head_lr or cfg.lr) if cfg.finetune == "all" else None,
+                                          fused=cuda)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+    dtype, use_scaler = precision(cfg, device)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "best_bleu": -1.0, "stale": 0, "stale_stop": False,
+             "bad_steps": 0, "history": []}
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        state.update(resume["state"])
+        set_rng_state(resume["rng"])
+
+    train_model = model
+    if cfg.compile == "on" or (cfg.compile == "auto" and cuda):
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = DDP(train_model, device_ids=[device] if cuda else None)
+    elif cuda and torch.cuda.device_count() > 1 and device == "cuda":
+        train_model = torch.nn.DataParallel(train_model)  # one process, several GPUs; torchrun + DDP is faster
+    writer = None
+    if master and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+
+    def checkpoint(path: str) -> None:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "state": dict(state), "rng": rng_state(),
+                         "config": asdict(cfg), "tokenizer": tok.to_str()}, path)
+
+    def evaluate() -> None:
+        """Validate, log, keep best.pt and ckpt.pt (and the weights for averaging) up to date."""
+        res = validate(model, data, cfg, device, autocast, n_examples=cfg.n_examples)
+        better = res["bleu"] > state["best_bleu"]
+        state["stale"] = 0 if better else state["stale"] + 1
+        state["stale_stop"] = bool(cfg.patience and state["stale"] >= cfg.patience)  # seen at the next step
+        state["best_bleu"] = max(state["best_bleu"], res["bleu"])
+        state["history"].append([state["step"], res["loss"], res["bleu"], res["chrf"]])
+        tqdm.write(f"step {state['step']}: val loss {res['loss']:.3f} BLEU {res['bleu']:.2f} chrF {res['chrf']:.2f}"
+                   f"{' (best)' if better else ''}", file=sys.stderr)
+        if writer:
+            for key in ("loss", "bleu", "chrf"):
+                writer.add_scalar(f"val/{key}", res[key], state["step"])
+            writer.add_text("val/examples", "\n\n".join(
+                f"src: {s}  \nref: {r}  \nhyp: {h}" for s, r, h in
+                zip(data.val.src_text[:cfg.n_examples], data.val.tgt_text, res["hyps"])), state["step"])
+            from visualize import attention_figure
+            writer.add_figure("val/cross_attention", attention_figure(model, tok, data.val.src_text[0]),
+                              state["step"])
+        checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        if better:
+            checkpoint(os.path.join(cfg.out_dir, "best.pt"))
+        if cfg.avg_last:
+            save_checkpoint(model.state_dict(), os.path.join(cfg.out_dir, f"avg-{state['step']:07d}.pt"))
+            for old in sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-"))[:-cfg.avg_last]:
+                os.remove(os.path.join(cfg.out_dir, old))
+
+    # --- stop requests: Ctrl-C and SIGTERM finish the current step, save, and exit 0
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    start_time, bar, tokens_seen, t_log = time.time(), None, 0, time.time()
+    loss_sum = torch.zeros((), device=device)
+    last_eval = state["step"]
+    reason = None
+    train_model.train()
+    while reason is None:
+        if cfg.max_epochs and state["epoch"] >= cfg.max_epochs:
+            reason = f"max_epochs={cfg.max_epochs}"
+            break
+        batches = data.train.batches(cfg.max_tokens, cfg.seed, state["epoch"], True, rank, world, cfg.pad_multiple)
+        groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        if master:
+            bar = tqdm(total=len(groups), initial=state["batch"], desc=f"epoch {state['epoch'] + 1}",
+                       dynamic_ncols=True, file=sys.stderr, leave=False)
+        while state["batch"] < len(groups):
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                reason = f"max_steps={cfg.max_steps}"
+                break
+            group = groups[state["batch"]]
+            # The loss is summed over tokens and divided by the token count of the whole step, across
+            # micro-batches and ranks, so accumulation and DDP compute exactly the gradient of one big batch.
+            time_up = cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes
+            counts = torch.tensor([float(sum(int(data.train.tgt_len[idx].sum()) for idx in group)),
+                                   float(bool(stop["signal"] or time_up or state["stale_stop"]))])
+            if world > 1:  # agree on the step's token count and on stopping, so all ranks stop at the same step
+                counts = counts.to(device)
+                dist.all_reduce(counts)
+                counts = counts.cpu()
+            if counts[1] > 0:
+                reason = stop["signal"] or (f"max_minutes={cfg.max_minutes}" if time_up else "early stopping")
+                break
+            n_tokens = float(counts[0])
+            for g in optimizer.param_groups:
+                g["lr"] = g["peak_lr"] * lr_factor(state["step"], cfg.warmup_steps)
+            step_loss = torch.zeros((), device=device)
+            for i, idx in enumerate(group):
+                src, tgt_in, labels = data.train.batch(idx, device, cfg.pad_multiple)
+                sync = contextlib.nullcontext() if world == 1 or i == len(group) - 1 else train_model.no_sync()
+                with sync, autocast:
+                    logits = train_model(src, tgt_in)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=tok.pad_id,
+                                           label_smoothing=cfg.label_smoothing, reduction="sum")
+                    scaler.scale(loss * world / n_tokens).backward()  # DDP averages over ranks: undo it
+                step_loss += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if torch.isfinite(grad_norm) or use_scaler:  # the scaler skips non-finite fp16 steps by itself
+                scaler.step(optimizer)
+                state["bad_steps"] = 0
+            else:
+                state["bad_steps"] += 1
+                tqdm.write(f"step {state['step']}: non-finite loss or gradient, update skipped", file=sys.stderr)
+                if state["bad_steps"] >= cfg.max_bad_steps:
+                    raise UserError(f"{state['bad_steps']} non-finite steps in a row at step {state['step']}; "
+                                    f"stopping, the last good checkpoint in {cfg.out_dir} is kept (try a lower --lr)")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] += 1
+            loss_sum += step_loss / n_tokens
+            tokens_seen += n_tokens
+            if master:
+                bar.update(1)
+                if state["step"] % cfg.log_interval == 0:
+                    loss_avg = float(loss_sum) / cfg.log_interval  # the only host sync of the loop's logging
+                    tok_s = tokens_seen / (time.time() - t_log)
+                    lr = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                    if writer:
+                        writer.add_scalar("train/loss", loss_avg, state["step"])
+                        writer.add_scalar("train/lr", lr, state["step"])
+                        writer.add_scalar("train/tokens_per_s", tok_s, state["step"])
+                    loss_sum.zero_()
+                    tokens_seen, t_log = 0, time.time()
+            if cfg.eval_interval and state["step"] % cfg.eval_interval == 0:
+                if master:
+                    evaluate()
+                last_eval = state["step"]
+        if bar is not None:
+            bar.close()
+        if reason is None:
+            state["epoch"] += 1
+            state["batch"] = 0
+            if not cfg.eval_interval:
+                if master:
+                    evaluate()
+                last_eval = state["step"]
+
+    if master:
+        log(f"stopping at step {state['step']}: {reason}")
+        if stop["signal"]:
+            checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+            log(f"saved {cfg.out_dir}/ckpt.pt; resume with: python train.py --out_dir={cfg.out_dir}")
+        else:
+            if last_eval != state["step"] or not os.path.exists(os.path.join(cfg.out_dir, "best.pt")):
+                evaluate()
+            checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # the final state, whatever validation said
+            finish(model, data, cfg, device, autocast, state)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def finish(model: Transformer, data, cfg: Config, device: str, autocast, state: dict) -> None:
+    """Optionally average the last checkpoints; then score the best model on the test split."""
+    best_path = os.path.join(cfg.out_dir, "best.pt")
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    avg_files = sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-"))
+    if cfg.avg_last and len(avg_files) > 1:
+        weights = [torch.load(os.path.join(cfg.out_dir, f), map_location="cpu", weights_only=True) for f in avg_files]
+        model.load_state_dict({k: sum(w[k].float() for w in weights) / len(weights) for k in weights[0]})
+        res = validate(model, data, cfg, device, autocast)
+        log(f"average of the last {len(weights)} validations: val BLEU {res['bleu']:.2f} "
+            f"(best single: {state['best_bleu']:.2f})")
+        if res["bleu"] > state["best_bleu"]:
+            best["model"] = model.state_dict()
+            best["state"]["best_bleu"] = res["bleu"]
+            save_checkpoint(best, best_path)
+    model.load_state_dict(best["model"])
+    res = validate(model, data, cfg, device, autocast, split="test")
+    log(f"test (best.pt, val BLEU {best['state']['best_bleu']:.2f}): loss {res['loss']:.3f}")
+    print(f"test sacreBLEU={res['bleu']:.2f} chrF={res['chrf']:.2f} n={res['n']} beam={cfg.beam_size}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
