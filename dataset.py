@@ -314,8 +314,12 @@ def _atomic_save(obj, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except OSError as e:  # a cache is an optimization: a read-only disk must not stop training
-        log(f"data: could not write cache {path}: {e}")
+    except (OSError, RuntimeError) as e:  # a cache is an optimization: a full or read-only disk must not stop training
+        log(f"data: could not write cache {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        try:
+            os.remove(path + ".tmp")
+        except OSError:
+            pass
 
 
 def load_data(cfg: Config, tokenizer: Tokenizer | None = None) -> Data:

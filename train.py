@@ -48,10 +48,12 @@ def save_checkpoint(obj: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError caused by an OSError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact") from None
+        cause = e if isinstance(e, OSError) else e.__context__
+        reason = getattr(cause, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"could not write {path} ({reason}); the previous checkpoint is intact") from None
 
 
 def rng_state() -> dict:
@@ -136,6 +138,14 @@ def validate(model: Transformer, data, cfg: Config, device: str, autocast, split
 
 
 def main(argv: list[str]) -> None:
+    # Ctrl-C and SIGTERM only raise a flag: the loop finishes its step, saves ckpt.pt and exits 0.
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     cfg, resume, init = resolve_config(argv)
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
@@ -225,22 +235,14 @@ def main(argv: list[str]) -> None:
             from visualize import attention_figure
             writer.add_figure("val/cross_attention", attention_figure(model, tok, data.val.src_text[0]),
                               state["step"])
-        checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        # ckpt.pt last: once it says this validation happened, best.pt and the averaging files already hold it.
         if better:
             checkpoint(os.path.join(cfg.out_dir, "best.pt"))
         if cfg.avg_last:
             save_checkpoint(model.state_dict(), os.path.join(cfg.out_dir, f"avg-{state['step']:07d}.pt"))
             for old in sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-"))[:-cfg.avg_last]:
                 os.remove(os.path.join(cfg.out_dir, old))
-
-    # --- stop requests: Ctrl-C and SIGTERM finish the current step, save, and exit 0
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+        checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
 
     start_time, bar, tokens_seen, t_log = time.time(), None, 0, time.time()
     loss_sum = torch.zeros((), device=device)
@@ -301,7 +303,8 @@ def main(argv: list[str]) -> None:
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch"] += 1
-            loss_sum += step_loss / n_tokens
+            if state["bad_steps"] == 0:
+                loss_sum += step_loss / n_tokens
             tokens_seen += n_tokens
             if master:
                 bar.update(1)
@@ -334,7 +337,8 @@ def main(argv: list[str]) -> None:
         log(f"stopping at step {state['step']}: {reason}")
         if stop["signal"]:
             checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-            log(f"saved {cfg.out_dir}/ckpt.pt; resume with: python train.py --out_dir={cfg.out_dir}")
+            again = "torchrun ... train.py" if world > 1 else "python train.py"
+            log(f"saved {cfg.out_dir}/ckpt.pt; resume with the same command, e.g. {again} --out_dir={cfg.out_dir}")
         else:
             if last_eval != state["step"] or not os.path.exists(os.path.join(cfg.out_dir, "best.pt")):
                 evaluate()

@@ -1,0 +1,250 @@
+"""
+Speed: training tokens/s and MFU against torch.nn.Transformer of the same size, and decoding speed with and
+without the KV cache, on real Multi30k batches.
+
+    python bench.py                                   # base preset, best device (bf16 + torch.compile on CUDA)
+    python bench.py --preset=tiny --device=cpu        # this is what the CPU figures in the README come from
+    python bench.py --preset=tiny --ckpt=out-tiny     # decode with trained weights (realistic output lengths)
+    python bench.py --steps=2 --sentences=16          # a quick smoke run
+
+The last line sums it up: train_tok_s=... mfu=... ratio_vs_nn_transformer=... greedy_s=... beam5_s=...
+"""
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import PRESETS, Config, UserError, check, parse_args, run_main
+from dataset import load_data, log, pad_rows
+from model import PositionalEncoding, TokenEmbedding, Transformer
+from translate import load_model, pick_device
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; other devices get a measured matmul rate.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12, "4090": 165e12, "3090": 71e12}
+
+
+@dataclass
+class Options:
+    preset: str = "base"  # the model size to measure
+    device: str = "auto"
+    steps: int = 20  # timed training steps per model (after warmup)
+    sentences: int = 1000  # test sentences to decode
+    ckpt: str = ""  # decode with these trained weights (default: the untrained model, which runs to max length)
+    data_dir: str = "../shared/data/multi30k"  # real Multi30k batches (falls back to the config's default)
+    max_tokens: int = 0  # token budget of a training batch (0: the preset's)
+
+
+class TorchTransformer(nn.Module):
+    """torch.nn.Transformer with the same embeddings, positional encoding and tied output as ours."""
+
+    def __init__(self, cfg: Config, vocab_size: int, pad_id: int):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = TokenEmbedding(vocab_size, cfg.d_model)
+        self.positional = PositionalEncoding(cfg.d_model, cfg.max_len)
+        self.transformer = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers,
+                                          cfg.d_ff, cfg.dropout, batch_first=True, norm_first=cfg.pre_norm)
+        self.generator = nn.Linear(cfg.d_model, vocab_size)
+        self.generator.weight = self.embed.embedding.weight
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.size(1), device=src.device)
+        src_pad = src == self.pad_id  # nn.Transformer's convention: True = masked out
+        out = self.transformer(self.positional(self.embed(src)), self.positional(self.embed(tgt_in)),
+                               tgt_mask=causal, src_key_padding_mask=src_pad, memory_key_padding_mask=src_pad,
+                               tgt_is_causal=True)
+        return self.generator(out)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_flops(device: str) -> tuple[float, str]:
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16.items():
+        if key in name:
+            return flops, "datasheet"
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync(device)
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t), "measured matmul"
+
+
+def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int, pad_id: int) -> dict:
+    """Median seconds per training step of each model, timed in alternating rounds so that both see the same
+    machine load (a CPU is noisy). Same batches, precision, optimizer and loss for both."""
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    setups = {}
+    for name, model in models.items():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        fn = torch.compile(model) if cuda else model
+        setups[name] = (model, opt, fn)
+
+    def step(name: str, batch) -> None:
+        model, opt, fn = setups[name]
+        src, tgt_in, labels = batch
+        with autocast:
+            logits = fn(src, tgt_in)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=pad_id,
+                               label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for name in setups:  # warmup: compilation, allocator, first-touch
+        for batch in batches[:max(3, min(len(batches), 8 if cuda else 2))]:
+            step(name, batch)
+    sync(device)
+    times = {name: [] for name in setups}
+    rounds = max(1, min(steps, 5))
+    per_round = max(1, steps // rounds)
+    k = 0
+    for _ in range(rounds):
+        for name in setups:
+            chunk = [batches[(k + i) % len(batches)] for i in range(per_round)]
+            t = time.perf_counter()
+            for batch in chunk:
+                step(name, batch)
+            sync(device)
+            times[name].append((time.perf_counter() - t) / per_round)
+        k += per_round
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def decode_time(model: Transformer, srcs: list, beam: int, use_cache: bool, device: str) -> tuple[float, int]:
+    sync(device)
+    t, n_tokens = time.perf_counter(), 0
+    for src in srcs:
+        hyps = model.generate(src, beam, model.cfg.length_penalty, model.cfg.max_len_a, model.cfg.max_len_b,
+                              use_cache=use_cache)
+        n_tokens += sum(len(h) + 1 for h in hyps)
+    sync(device)
+    return time.perf_counter() - t, n_tokens
+
+
+@torch.no_grad()
+def decode_curve(model: Transformer, src: torch.Tensor, lengths: list[int], device: str) -> list[tuple]:
+    """Seconds to produce L tokens for a batch, with and without the cache: linear vs quadratic in L."""
+    from model import KVCache
+    memory, src_mask = model.encode(src)
+    rows = []
+    for n in lengths:
+        result = []
+        for use_cache in (True, False):
+            tokens = torch.full((src.size(0), 1), model.bos_id, device=device)
+            cache = KVCache(len(model.decoder)) if use_cache else None
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(n):
+                nxt = model._next_logprobs(tokens, memory, src_mask, cache).argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, nxt], 1)
+            sync(device)
+            result.append(time.perf_counter() - t)
+        rows.append((n, *result))
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    opt, _ = parse_args(argv, Options())
+    if opt.preset not in PRESETS:
+        raise UserError(f"unknown preset {opt.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if opt.steps <= 0 or opt.sentences <= 0:
+        raise UserError("--steps and --sentences must be positive")
+    device = pick_device(opt.device)
+    cfg = replace(Config(), **PRESETS[opt.preset], device=device)
+    cfg = replace(cfg, attn_dropout=cfg.dropout)  # nn.Transformer has one dropout rate for everything
+    if os.path.isdir(opt.data_dir):
+        cfg = replace(cfg, data_dir=opt.data_dir)
+    if opt.max_tokens:
+        cfg = replace(cfg, max_tokens=opt.max_tokens)
+    check(cfg)
+    torch.manual_seed(0)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    print(f"device: {name}; preset {opt.preset}; torch {torch.__version__}")
+
+    data = load_data(cfg)
+    tok = data.tokenizer
+    ours = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id).to(device).train()
+    theirs = TorchTransformer(cfg, tok.vocab_size, tok.pad_id).to(device).train()
+    print(f"parameters: ours {ours.num_parameters() / 1e6:.2f}M, nn.Transformer "
+          f"{sum(p.numel() for p in theirs.parameters()) / 1e6:.2f}M")
+    index = data.train.batches(cfg.max_tokens, seed=0, epoch=0)[:max(opt.steps, 10)]
+    batches = [data.train.batch(idx, device) for idx in index]
+    useful = statistics.mean(int(data.train.tgt_len[idx].sum()) for idx in index)
+    flops = statistics.mean(ours.estimate_flops(data.train.src_len[idx], data.train.tgt_len[idx]) for idx in index)
+    padded = statistics.mean(b[2].numel() for b in batches)
+    sec = train_steps({"ours": ours, "nn.Transformer": theirs}, batches, cfg, device, opt.steps, tok.pad_id)
+    ratio = sec["ours"] / sec["nn.Transformer"]
+    train_tok_s = useful / sec["ours"]
+    print(f"training ({'bf16 + torch.compile' if cuda else 'fp32 eager'}, {cfg.max_tokens}-token batches, "
+          f"{useful:.0f} useful target tokens of {padded:.0f} padded per step):")
+    for key, s in sec.items():
+        print(f"  {key:15s} {s * 1e3:8.1f} ms/step  {useful / s:10.0f} target tok/s")
+    mfu = float("nan")
+    if cuda:
+        peak, how = peak_flops(device)
+        mfu = flops / sec["ours"] / peak
+        print(f"  MFU {mfu:.1%} ({flops / sec['ours'] / 1e12:.1f} TFLOP/s of {peak / 1e12:.0f}, peak {how})")
+    print(f"  time per step ours / nn.Transformer = {ratio:.3f}")
+
+    if opt.ckpt:
+        model, _ = load_model(opt.ckpt, device)
+        if model.cfg.d_model != cfg.d_model:
+            log(f"note: decoding uses the checkpoint's model, not preset {opt.preset}")
+    else:
+        model = ours.eval()
+        print("decoding: untrained weights (pass --ckpt for realistic lengths): every sentence runs to its limit")
+    model.eval()
+    texts = data.test.src_text[:opt.sentences]
+    ids = [s[:model.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(texts)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    results = {}
+    with torch.inference_mode():
+        for beam in (1, 5):
+            per_batch = 256 if beam == 1 else 64  # sentences per decoding batch
+            srcs = [pad_rows([ids[i] for i in order[j:j + per_batch]], tok.pad_id).to(device)
+                    for j in range(0, len(order), per_batch)]
+            decode_time(model, srcs[:1], beam, True, device)  # warmup
+            for use_cache in (True, False):
+                s, n = decode_time(model, srcs, beam, use_cache, device)
+                results[(beam, use_cache)] = s
+                print(f"decoding {'greedy' if beam == 1 else f'beam {beam}':7s} {'with' if use_cache else 'without'}"
+                      f" KV cache: {s:7.2f} s for {len(ids)} sentences, {len(ids) / s:8.1f} sent/s, {n / s:9.0f} tok/s")
+        for beam in (1, 5):
+            print(f"  KV cache speed-up, {'greedy' if beam == 1 else 'beam 5'}: "
+                  f"{results[(beam, False)] / results[(beam, True)]:.2f}x")
+        src = pad_rows(ids[:32], tok.pad_id).to(device)
+        print("decode time vs output length (32 sentences; seconds with cache / without):")
+        for n, with_cache, without in decode_curve(model, src, [8, 16, 32, 64], device):
+            print(f"  {n:3d} tokens: {with_cache:6.3f} / {without:6.3f}")
+    if cuda:
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
+    else:
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+    print(f"peak memory: {memory}")
+    print(f"train_tok_s={train_tok_s:.0f} mfu={mfu:.3f} ratio_vs_nn_transformer={ratio:.3f} "
+          f"greedy_s={results[(1, True)]:.2f} beam5_s={results[(5, True)]:.2f}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,529 @@
+"""train.py end to end on the toy corpus, on CPU: exact resume after SIGTERM and SIGKILL, atomic checkpoints,
+failing saves, non-finite losses, DDP and DataParallel, fine-tuning, command-line errors and the tiny preset."""
+import io
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_script
+
+import config
+import model as model_module
+import train
+import translate
+
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+TEST_LINE = re.compile(r"^test sacreBLEU=\d+\.\d\d chrF=\d+\.\d\d n=\d+ beam=\d+$")
+
+
+# ---------------------------------------------------------------- helpers
+
+def train_args(corpus: str, out: str, cache: str, *extra: str) -> list[str]:
+    """TINY flags first: later flags override earlier ones."""
+    return [f"--data_dir={corpus}", f"--out_dir={out}", f"--cache_dir={cache}", *TINY, *extra]
+
+
+def load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights(out_dir: str) -> dict:
+    return load(os.path.join(out_dir, "ckpt.pt"))["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    bad = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a
+           if not (torch.equal(a[k], b[k]) if atol == 0 else torch.allclose(a[k], b[k], rtol=0, atol=atol))}
+    assert not bad, f"weights differ: {bad}"
+
+
+class Run:
+    """train.py as a background process; stdout and stderr are collected by threads (so pipes never fill)."""
+
+    running: list = []  # every process started, so that a failing test leaves none behind
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=ENV,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out, self.err = [], []
+        self.threads = [threading.Thread(target=self._read, args=(s, b), daemon=True)
+                        for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self.threads:
+            t.start()
+        Run.running.append(self.proc)
+
+    @staticmethod
+    def _read(stream, buf):
+        for line in stream:
+            buf.append(line)
+
+    def wait_until(self, cond, timeout: float = 120) -> bool:
+        """Poll cond() until it holds; False if the process ended (or timed out) first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if cond():
+                return True
+            if self.proc.poll() is not None:
+                return cond()
+            time.sleep(0.005)
+        raise AssertionError("timed out waiting; stderr:\n" + "".join(self.err)[-3000:])
+
+    def finish(self, timeout: float = 180) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        for t in self.threads:
+            t.join(timeout=10)
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+
+def run_ok(*args: str) -> subprocess.CompletedProcess:
+    r = run_script("train.py", *args)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    return r
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    while Run.running:
+        proc = Run.running.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """train.main in this process installs SIGINT/SIGTERM handlers and seeds torch: undo that afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    rng = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    torch.set_rng_state(rng)
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- 1-3: exact resume and crash safety
+
+RESUME_STEPS = ["--max_steps=40", "--eval_interval=10"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, cache) -> dict:
+    """The final weights of an uninterrupted 40-step run (shared by the SIGTERM and SIGKILL tests)."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    run_ok(*train_args(corpus, out, cache, *RESUME_STEPS))
+    assert load(os.path.join(out, "ckpt.pt"))["state"]["step"] == 40
+    return weights(out)
+
+
+def test_sigterm_then_resume_is_exact(tmp_path, corpus, cache, reference):
+    out = str(tmp_path / "run")
+    args = train_args(corpus, out, cache, *RESUME_STEPS)
+    ckpt = os.path.join(out, "ckpt.pt")
+    run = Run(args)
+    assert run.wait_until(lambda: os.path.exists(ckpt)), "the run ended before its first checkpoint:\n" + run.stderr
+    run.proc.send_signal(signal.SIGTERM)
+    rc = run.finish()
+    assert rc == 0, run.stderr[-3000:]
+    assert "SIGTERM" in run.stderr
+    assert f"resume with: python train.py --out_dir={out}" in run.stderr
+    assert run.stdout == ""  # no test score: the run is not over
+    stopped = load(ckpt)["state"]["step"]
+    assert 10 <= stopped < 40, f"SIGTERM came too late to test anything (step {stopped})"
+    assert f"stopping at step {stopped}: SIGTERM" in run.stderr
+
+    r = run_ok(*args)
+    err = r.stderr.decode()
+    assert f"resuming from {out}/ckpt.pt" in err
+    assert load(ckpt)["state"]["step"] == 40
+    assert TEST_LINE.match(r.stdout.decode().strip().splitlines()[-1])
+    assert_same_weights(weights(out), reference)
+
+
+def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, corpus, cache, reference):
+    out = str(tmp_path / "run")
+    args = train_args(corpus, out, cache, *RESUME_STEPS)
+    ckpt = os.path.join(out, "ckpt.pt")
+    run = Run(args)
+    assert run.wait_until(lambda: os.path.exists(ckpt)), "the run ended before its first checkpoint:\n" + run.stderr
+    time.sleep(0.03)  # a few steps past the checkpoint: those steps are lost and must be redone identically
+    assert run.proc.poll() is None, "the run finished before it could be killed"
+    run.proc.kill()
+    assert run.finish() == -signal.SIGKILL
+    killed_at = load(ckpt)["state"]["step"]
+    assert killed_at < 40
+
+    r = run_ok(*args)
+    assert f"resuming from {out}/ckpt.pt" in r.stderr.decode()
+    assert load(ckpt)["state"]["step"] == 40
+    assert_same_weights(weights(out), reference)
+
+
+@pytest.mark.slow
+def test_random_sigkills_leave_loadable_files_and_exact_result(tmp_path, corpus, cache):
+    """Five SIGKILLs at seeded random moments of training (checkpoints every 5 steps, weight averaging on, so
+    ckpt.pt, best.pt and avg-*.pt are written and deleted all the time): at every kill every *.pt in out_dir
+    loads, and the restarted run ends with exactly the weights of an uninterrupted one."""
+    extra = ["--max_steps=120", "--eval_interval=5", "--avg_last=2"]
+    ref_out = str(tmp_path / "reference")
+    run_ok(*train_args(corpus, ref_out, cache, *extra))
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "ckpt.pt")
+    args = train_args(corpus, out, cache, *extra)
+    rng = random.Random(20240611)
+    kills = []  # (step of ckpt.pt when the run started, step of ckpt.pt after the kill)
+
+    def mtime():
+        try:
+            return os.stat(ckpt).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    for attempt in range(5):
+        before = mtime()
+        start_step = load(ckpt)["state"]["step"] if before else None
+        run = Run(args)
+        # Startup (imports, data) and the first, slow validation of an untrained model vary a lot with the load:
+        # the random delay counts from this run's first own checkpoint, so that every kill lands in training.
+        wrote = run.wait_until(lambda: mtime() != before)
+        if wrote:
+            time.sleep(rng.uniform(0.0, 0.3))
+        alive = run.proc.poll() is None
+        run.proc.kill()
+        rc = run.finish()
+        assert rc == (-signal.SIGKILL if alive else 0), run.stderr[-3000:]
+        for name in sorted(f for f in os.listdir(out) if f.endswith(".pt")):
+            try:
+                load(os.path.join(out, name))
+            except Exception as e:
+                pytest.fail(f"kill #{attempt + 1}: {name} does not load ({type(e).__name__}: {e}); kills so far "
+                            f"{kills}")
+        kills.append((start_step, load(ckpt)["state"]["step"]))
+        if not alive:
+            break
+    assert len(kills) == 5 and all(k[1] < 120 for k in kills), f"a run finished before it was killed: {kills}"
+    r = run_ok(*args)
+    assert TEST_LINE.match(r.stdout.decode().strip().splitlines()[-1])
+    assert load(ckpt)["state"]["step"] == 120
+    assert_same_weights(weights(out), weights(ref_out))
+    assert sorted(f for f in os.listdir(out) if f.startswith("avg-")) == \
+        sorted(f for f in os.listdir(ref_out) if f.startswith("avg-"))
+    print("kills (ckpt step at start, after the kill):", kills)
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (not even `except Exception` handlers)."""
+
+
+def test_kill_between_ckpt_and_best_pt(tmp_path, corpus, cache, monkeypatch, in_process):
+    out = str(tmp_path / "run")
+    args = train_args(corpus, out, cache, "--max_steps=10", "--eval_interval=10")
+    real = train.save_checkpoint
+
+    def save_then_die(obj, path):  # killed between writing best.pt and ckpt.pt
+        if path.endswith("ckpt.pt") and os.path.exists(os.path.join(out, "best.pt")):
+            raise Killed()
+        real(obj, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train.main(args)
+    assert os.path.exists(os.path.join(out, "best.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt"))
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    train.main(args)  # the same command again: must finish (and write best.pt)
+    assert os.path.exists(os.path.join(out, "best.pt"))
+
+
+# ---------------------------------------------------------------- 4: a save that fails midway
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, corpus, cache, monkeypatch, in_process):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "ckpt.pt")
+    real_save = torch.save
+    calls, before = [], {}
+
+    def disk_full_on_second_ckpt(obj, f, *a, **kw):
+        if str(getattr(f, "name", f)).endswith("ckpt.pt.tmp"):
+            calls.append(f)
+            if len(calls) == 2:
+                with open(ckpt, "rb") as g:
+                    before["bytes"] = g.read()
+                f.write(b"PK\x03\x04 half a checkpoint")
+                raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(train.torch, "save", disk_full_on_second_ckpt)
+    with pytest.raises(config.UserError) as e:
+        train.main(train_args(corpus, out, cache, "--max_steps=40", "--eval_interval=10"))
+    msg = str(e.value)
+    assert "No space left on device" in msg and "ckpt.pt" in msg and "intact" in msg and "\n" not in msg
+    assert len(calls) == 2
+    with open(ckpt, "rb") as g:
+        assert g.read() == before["bytes"]
+    assert load(ckpt)["state"]["step"] == 10
+    assert translate.read_checkpoint(ckpt)["state"]["step"] == 10
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after `room` bytes: write() raises ENOSPC, as the OS does."""
+
+    def __init__(self, path, room):
+        super().__init__(path, "wb")
+        self.room = room
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(b)
+        return super().write(b)
+
+
+def test_real_disk_full_during_save(tmp_path, corpus, cache, monkeypatch, in_process):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "ckpt.pt")
+    opened = []
+
+    def fake_open(path, mode="r", *a, **kw):
+        if str(path).endswith("ckpt.pt.tmp") and "w" in mode:
+            opened.append(path)
+            if len(opened) == 2:
+                return FullDisk(path, room=20_000)
+        return open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(train, "open", fake_open, raising=False)
+    with pytest.raises(config.UserError, match="No space left on device"):
+        train.main(train_args(corpus, out, cache, "--max_steps=40", "--eval_interval=10"))
+    assert load(ckpt)["state"]["step"] == 10
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- 5: non-finite losses
+
+def poison_forward(monkeypatch, bad_steps, snapshot_steps=()):
+    """Training forward passes (one per step here: grad_accum=1) return NaN logits at bad_steps; the weights
+    seen by the forward of each step in snapshot_steps are recorded (= the weights after the previous step)."""
+    real = model_module.Transformer.forward
+    seen = {"n": 0, "snapshots": {}}
+
+    def forward(self, src, tgt_in):
+        if not self.training:
+            return real(self, src, tgt_in)
+        k = seen["n"]
+        seen["n"] += 1
+        if k in snapshot_steps:
+            seen["snapshots"][k] = {n: t.detach().clone() for n, t in self.state_dict().items()}
+        logits = real(self, src, tgt_in)
+        return logits * float("nan") if k in bad_steps else logits
+
+    monkeypatch.setattr(model_module.Transformer, "forward", forward)
+    return seen
+
+
+def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, capsys, in_process):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "ckpt.pt")
+    seen = poison_forward(monkeypatch, bad_steps=range(12, 10**9))
+    real_save, saved = train.save_checkpoint, {}
+
+    def recording_save(obj, path):
+        real_save(obj, path)
+        with open(path, "rb") as f:
+            saved[path] = f.read()
+
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    with pytest.raises(config.UserError) as e:
+        train.main(train_args(corpus, out, cache, "--max_steps=40", "--eval_interval=10", "--max_bad_steps=3"))
+    assert "non-finite" in str(e.value) and "3" in str(e.value)
+    assert seen["n"] == 15  # steps 12, 13, 14 were bad: the third one stops the run
+    err = capsys.readouterr().err
+    assert err.count("non-finite loss or gradient, update skipped") == 3
+    with open(ckpt, "rb") as f:
+        assert f.read() == saved[ckpt]  # the last good checkpoint, untouched
+    state = translate.read_checkpoint(ckpt)
+    assert state["state"]["step"] == 10
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_single_nonfinite_step_is_skipped(tmp_path, corpus, cache, monkeypatch, capsys, in_process):
+    out = str(tmp_path / "run")
+    seen = poison_forward(monkeypatch, bad_steps={12}, snapshot_steps={12, 13, 14})
+    train.main(train_args(corpus, out, cache, "--max_steps=16", "--eval_interval=10", "--max_bad_steps=3"))
+    err = capsys.readouterr().err
+    assert "step 12: non-finite loss or gradient, update skipped" in err
+    assert err.count("update skipped") == 1
+    snaps = seen["snapshots"]
+    assert_same_weights(snaps[13], snaps[12])  # the skipped step changed nothing
+    assert any(not torch.equal(snaps[14][k], snaps[13][k]) for k in snaps[13])  # and training went on
+    state = load(os.path.join(out, "ckpt.pt"))
+    assert state["state"]["step"] == 16 and state["state"]["bad_steps"] == 0
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+# ---------------------------------------------------------------- 6-7: DDP and DataParallel
+
+def test_ddp_matches_gradient_accumulation(tmp_path, corpus, cache):
+    common = ["--max_steps=1", "--dropout=0", "--attn_dropout=0", "--device=cpu"]
+    ddp_out, single_out = str(tmp_path / "ddp"), str(tmp_path / "single")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        os.path.join(ROOT, "train.py"), *train_args(corpus, ddp_out, cache, *common)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stderr
+    assert TEST_LINE.match(r.stdout.strip().splitlines()[-1])
+    run_ok(*train_args(corpus, single_out, cache, *common, "--grad_accum=2"))
+    ddp, single = load(os.path.join(ddp_out, "ckpt.pt")), load(os.path.join(single_out, "ckpt.pt"))
+    assert ddp["state"]["step"] == single["state"]["step"] == 1
+    assert not [k for k in ddp["model"] if k.startswith(("module.", "_orig_mod."))]
+    assert_same_weights(ddp["model"], single["model"], atol=1e-6)
+
+
+def test_dataparallel_state_dicts_load_both_ways(tmp_path, trained):
+    for name in ("ckpt.pt", "best.pt"):
+        keys = load(os.path.join(trained, name))["model"].keys()
+        assert not [k for k in keys if k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k]
+    ckpt = translate.read_checkpoint(translate.checkpoint_path(trained))
+    plain, tok = translate.build_model(ckpt)
+    wrapped = torch.nn.DataParallel(plain)
+    torch.save(wrapped.state_dict(), tmp_path / "dp.pt")
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    dp_state, plain_state = load(tmp_path / "dp.pt"), load(tmp_path / "plain.pt")
+    assert dp_state and all(k.startswith("module.") for k in dp_state)
+    assert translate.strip_prefixes(dp_state).keys() == plain_state.keys()
+
+    src = torch.tensor([[5, 6, 7, tok.eos_id]])
+    tgt = torch.tensor([[tok.bos_id, 8, 9]])
+    with torch.no_grad():
+        expected = plain(src, tgt)
+    cfg = config.config_from_dict(ckpt["config"])
+    for state in (dp_state, plain_state):
+        m, _ = translate.build_model({**ckpt, "model": state})  # strip_prefixes inside
+        assert_same_weights(m.state_dict(), plain_state)
+        other = torch.nn.DataParallel(
+            model_module.Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=False))
+        other.module.load_state_dict(translate.strip_prefixes(state))
+        assert_same_weights(other.module.state_dict(), plain_state)
+        other.eval()
+        with torch.no_grad():
+            assert torch.equal(other(src, tgt), expected)
+
+
+# ---------------------------------------------------------------- 8: fine-tuning
+
+def test_finetune_head_changes_only_the_head(tmp_path, corpus, cache, trained):
+    init_path = translate.checkpoint_path(trained)  # what --init_from=<run dir> loads
+    init = load(init_path)
+    out = str(tmp_path / "ft")
+    r = run_ok(*train_args(corpus, out, cache, f"--init_from={trained}", "--finetune=head", "--max_steps=5"))
+    assert TEST_LINE.match(r.stdout.decode().strip().splitlines()[-1])
+    final = load(os.path.join(out, "ckpt.pt"))
+    assert final["state"]["step"] == 5
+    assert final["tokenizer"] == init["tokenizer"]
+
+    # which state-dict entries ARE head parameters (the tied embedding shows up under several names)
+    m, _ = translate.build_model(init)
+    head_ids = {id(p) for p in m.head_parameters()}
+    head_keys = {k for k, t in m.state_dict(keep_vars=True).items() if id(t) in head_ids}
+    assert {"generator.weight", "generator.bias"} <= head_keys
+    if init["config"]["pre_norm"]:
+        assert any(k.startswith("decoder_norm.") for k in head_keys)
+    if init["config"]["tie_embeddings"]:
+        assert "src_embed.embedding.weight" in head_keys
+    assert final["model"].keys() == init["model"].keys()
+    changed_body = [k for k in init["model"] if k not in head_keys and not torch.equal(init["model"][k],
+                                                                                      final["model"][k])]
+    assert not changed_body, f"frozen tensors changed: {changed_body}"
+    assert not torch.equal(init["model"]["generator.bias"], final["model"]["generator.bias"])
+    assert not torch.equal(init["model"]["generator.weight"], final["model"]["generator.weight"])
+    # the optimizer holds the head only
+    n_opt = sum(len(g["params"]) for g in final["optimizer"]["param_groups"])
+    assert n_opt == len(head_ids)
+
+
+def test_finetune_all_has_two_learning_rates(tmp_path, corpus, cache, trained, in_process):
+    out = str(tmp_path / "ft")
+    train.main(train_args(corpus, out, cache, f"--init_from={trained}", "--finetune=all", "--lr=2e-3",
+                          "--head_lr=5e-4", "--max_steps=2"))
+    ckpt = load(os.path.join(out, "ckpt.pt"))
+    groups = ckpt["optimizer"]["param_groups"]
+    peaks = {}
+    for g in groups:
+        peaks.setdefault(g["name"], set()).add(g["peak_lr"])
+    assert peaks == {"body": {2e-3}, "head": {5e-4}}
+    m, _ = translate.build_model(ckpt)
+    n_head = sum(len(g["params"]) for g in groups if g["name"] == "head")
+    assert n_head == len(m.head_parameters())
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+    # the schedule scales both groups alike: the learning rates in use keep the ratio
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs["head"] / lrs["body"] == pytest.approx(5e-4 / 2e-3)
+
+
+# ---------------------------------------------------------------- 9: command-line errors
+
+@pytest.mark.parametrize("flag", ["--lr=abc", "--nosuchkey=1"])
+def test_bad_flag_is_one_error_line(flag):
+    r = run_script("train.py", flag)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert "Traceback" not in err
+    assert flag.split("=")[0] in err
+
+
+# ---------------------------------------------------------------- 10-11: learning, and budgets across resumes
+
+def test_tiny_preset_learns(tmp_path, corpus, cache):
+    """The real check would be --preset=tiny on Multi30k (conftest.MULTI30K) for thousands of steps: far too slow
+    for the test suite. The same preset on the toy corpus, with small batches, must lower the validation loss."""
+    out = str(tmp_path / "tiny")
+    r = run_ok("--preset=tiny", f"--data_dir={corpus}", f"--out_dir={out}", f"--cache_dir={cache}", "--device=cpu",
+               "--max_tokens=600", "--max_steps=30", "--eval_interval=10", "--tensorboard=False")
+    ckpt = load(os.path.join(out, "ckpt.pt"))
+    assert ckpt["config"]["d_model"] == 256 and ckpt["config"]["n_encoder_layers"] == 3
+    history = ckpt["state"]["history"]
+    assert [h[0] for h in history] == [10, 20, 30]
+    losses = [h[1] for h in history]
+    assert losses[-1] < losses[0] - 0.5 and losses == sorted(losses, reverse=True), losses
+    assert TEST_LINE.match(r.stdout.decode().strip().splitlines()[-1])
+
+
+def test_max_steps_counts_across_resumes(tmp_path, corpus, cache):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, "ckpt.pt")
+    first = run_ok(*train_args(corpus, out, cache, "--max_steps=15"))
+    assert load(ckpt)["state"]["step"] == 15
+    assert TEST_LINE.match(first.stdout.decode().strip().splitlines()[-1])
+    second = run_ok(*train_args(corpus, out, cache, "--max_steps=30"))
+    err = second.stderr.decode()
+    assert f"resuming from {out}/ckpt.pt" in err and "stopping at step 30: max_steps=30" in err
+    state = load(ckpt)["state"]
+    assert state["step"] == 30
+    assert [h[0] for h in state["history"]] == [10, 15, 20, 30]
+    lines = second.stdout.decode().strip().splitlines()
+    assert lines and TEST_LINE.match(lines[-1]), lines
