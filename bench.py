@@ -51,6 +51,7 @@ class TorchTransformer(nn.Module):
         self.positional = PositionalEncoding(cfg.d_model, cfg.max_len)
         self.transformer = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers,
                                           cfg.d_ff, cfg.dropout, batch_first=True, norm_first=cfg.pre_norm)
+        self.transformer.encoder.enable_nested_tensor = False  # a CPU inference path; training never uses it
         self.generator = nn.Linear(cfg.d_model, vocab_size)
         self.generator.weight = self.embed.embedding.weight
 
