@@ -12,8 +12,8 @@ The last line sums it up: train_tok_s=... mfu=... ratio_vs_nn_transformer=... gr
 import os
 import resource
 import statistics
-import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,6 +41,9 @@ class Options:
     max_tokens: int = 0  # token budget of a training batch (0: the preset's)
 
 
+warnings.filterwarnings("ignore", message="enable_nested_tensor")  # nn.Transformer's inference-only fast path
+
+
 class TorchTransformer(nn.Module):
     """torch.nn.Transformer with the same embeddings, positional encoding and tied output as ours."""
 
@@ -51,7 +54,6 @@ class TorchTransformer(nn.Module):
         self.positional = PositionalEncoding(cfg.d_model, cfg.max_len)
         self.transformer = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers,
                                           cfg.d_ff, cfg.dropout, batch_first=True, norm_first=cfg.pre_norm)
-        self.transformer.encoder.enable_nested_tensor = False  # a CPU inference path; training never uses it
         self.generator = nn.Linear(cfg.d_model, vocab_size)
         self.generator.weight = self.embed.embedding.weight
 

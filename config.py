@@ -11,6 +11,8 @@ program with one line that names the closest valid keys.
 """
 import ast
 import difflib
+import math
+import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -124,6 +126,8 @@ def _convert(name: str, text: str, default):
         value = text  # e.g. --out_dir=2024 stays the string "2024"
     if type(value) is not kind:
         raise UserError(f"--{name}={text}: expected a {kind.__name__} value, got {type(value).__name__}")
+    if kind is float and not math.isfinite(value):
+        raise UserError(f"--{name}={text}: expected a finite number")
     return value
 
 
@@ -163,8 +167,8 @@ def get_config(argv: list[str], base: Config | None = None) -> Config:
             preset = arg.split("=", 1)[1]
         else:
             rest.append(arg)
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if preset not in PRESETS or "--preset" in rest:
+        raise UserError(f"unknown preset {preset!r}; use --preset=NAME with one of: {', '.join(PRESETS)}")
     cfg, _ = parse_args(rest, base if base is not None else replace(Config(), **PRESETS[preset]))
     check(cfg)
     return cfg
@@ -207,8 +211,13 @@ def run_main(main) -> None:
     """Run a script's main(): a UserError becomes one line on stderr and exit code 1, never a traceback."""
     try:
         main(sys.argv[1:])
+        sys.stdout.flush()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # stdout closed early (| head) or full: say so once, without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write the output: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ def read_lines(path: str) -> list[str]:
         else:
             with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
                 raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     lines = decode_utf8(raw, path).split("\n")
     if lines and lines[-1] == "":
@@ -162,12 +163,13 @@ class Tokenizer:
         if kind == "bpe":
             tok = HFTokenizer(models.BPE(unk_token="<unk>"))
             tok.pre_tokenizer = pre_tokenizers.Metaspace()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2)
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                           show_progress=False)
         else:  # classic words, punctuation split off
             tok = HFTokenizer(models.WordLevel(unk_token="<unk>"))
             tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
             trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                                min_frequency=min_frequency)
+                                                min_frequency=min_frequency, show_progress=False)
         tok.normalizer = normalizers.NFKC()
         tok.decoder = decoders.Metaspace()
         tok.train_from_iterator(texts, trainer)
@@ -329,10 +331,14 @@ def load_data(cfg: Config, tokenizer: Tokenizer | None = None) -> Data:
     if tokenizer is None:
         key = _digest(cfg.tokenizer, cfg.vocab_size, cfg.min_frequency, train_src, train_tgt)
         path = os.path.join(cfg.cache_dir, f"tokenizer-{key}.json")
-        if os.path.isfile(path):
+        try:
             with open(path, encoding="utf-8") as f:
                 tokenizer = Tokenizer.from_str(f.read())
-        else:
+        except FileNotFoundError:
+            pass
+        except Exception:
+            log(f"data: ignoring unreadable cache {path}")
+        if tokenizer is None:
             log(f"data: training a {cfg.tokenizer} tokenizer ({cfg.vocab_size} tokens) on {len(train_src)} pairs")
             tokenizer = Tokenizer.train(train_src + train_tgt, cfg.tokenizer, cfg.vocab_size, cfg.min_frequency)
             try:
@@ -346,10 +352,13 @@ def load_data(cfg: Config, tokenizer: Tokenizer | None = None) -> Data:
     key = _digest(tokenizer.to_str(), all_texts)
     path = os.path.join(cfg.cache_dir, f"ids-{key}.pt")
     ids = None
+    names = [f"{split}.{side}" for split in ("train", "val", "test") for side in ("src", "tgt")]
     if os.path.isfile(path):
         try:
             ids = torch.load(path, weights_only=True)
+            assert isinstance(ids, dict) and all(isinstance(ids.get(n), list) for n in names)
         except Exception:
+            ids = None
             log(f"data: ignoring unreadable cache {path}")
     if ids is None:
         ids = {f"{split}.{side}": tokenizer.encode(texts[split][i])

@@ -76,6 +76,10 @@ def resolve_config(argv: list[str]) -> tuple[Config, dict | None, dict | None]:
     resume_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if os.path.exists(resume_path):
         ckpt = read_checkpoint(resume_path)
+        missing = [k for k in ("optimizer", "scaler", "state", "rng") if k not in ckpt]
+        if missing:
+            raise UserError(f"{resume_path} has no training state ({', '.join(missing)}): it can only start a new run,"
+                            f" with --init_from={resume_path} and another --out_dir")
         explicit = [a for a in argv if not a.startswith("--preset=")]
         cfg = get_config(explicit, base=config_from_dict(ckpt["config"]))
         changed = [k for k in MODEL_KEYS if getattr(cfg, k) != ckpt["config"].get(k)]
@@ -236,7 +240,7 @@ def main(argv: list[str]) -> None:
             writer.add_figure("val/cross_attention", attention_figure(model, tok, data.val.src_text[0]),
                               state["step"])
         # ckpt.pt last: once it says this validation happened, best.pt and the averaging files already hold it.
-        if better:
+        if better or not os.path.exists(os.path.join(cfg.out_dir, "best.pt")):
             checkpoint(os.path.join(cfg.out_dir, "best.pt"))
         if cfg.avg_last:
             save_checkpoint(model.state_dict(), os.path.join(cfg.out_dir, f"avg-{state['step']:07d}.pt"))

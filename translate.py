@@ -59,7 +59,7 @@ def read_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):  # a pickle of code or arbitrary objects: never executed
+        if "GLOBAL" in str(e) or "Unsupported" in str(e):  # a pickle of code or other objects: never executed
             raise UserError(f"refusing to load {path}: it holds more than tensors and plain data") from None
         raise UserError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
     except Exception as e:
@@ -86,8 +86,9 @@ def build_model(ckpt: dict, device: str = "cpu", verbose: bool = False) -> tuple
     except UserError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint does not match its own config or tokenizer: {first[:200]}") from None
+        detail = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+        reason = next((l for l in detail if "size mismatch" in l or "Missing key" in l), detail[0])
+        raise UserError(f"checkpoint does not match its own config or tokenizer: {reason[:200]}") from None
     return model.to(device).eval(), tok
 
 
@@ -124,8 +125,18 @@ def score(hyps: list[str], refs: list[str]) -> tuple[float, float]:
     return BLEU().corpus_score(hyps, [refs]).score, CHRF().corpus_score(hyps, [refs]).score
 
 
+def check_text(sentences: list[str]) -> None:
+    """Command-line bytes that are not UTF-8 arrive as lone surrogates: refuse them in one line."""
+    for s in sentences:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("the sentence is not valid UTF-8") from None
+
+
 def main(argv: list[str]) -> None:
     opt, sentences = parse_args(argv, Options(), allow_positional=True)
+    check_text(sentences)
     if opt.file and sentences:
         raise UserError("give either a sentence or --file, not both")
     if not opt.file and len(sentences) != 1:
@@ -146,7 +157,7 @@ def main(argv: list[str]) -> None:
     with torch.inference_mode():
         hyps = translate_sentences(model, tok, texts, beam)
     sys.stdout.write("".join(h + "\n" for h in hyps))
-    if refs is not None:
+    if refs is not None and hyps:
         bleu, chrf = score(hyps, refs)
         log(f"sacreBLEU={bleu:.2f} chrF={chrf:.2f} n={len(hyps)} beam={beam}")
 

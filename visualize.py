@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from config import UserError, parse_args, run_main  # noqa: E402
 from dataset import Tokenizer, encode_sources, log  # noqa: E402
 from model import Transformer  # noqa: E402
-from translate import load_model, pick_device  # noqa: E402
+from translate import check_text, load_model, pick_device  # noqa: E402
 
 KINDS = {"encoder": "encoder self-attention", "decoder": "decoder masked self-attention",
          "cross": "encoder-decoder cross-attention"}
@@ -45,7 +45,9 @@ def collect(model: Transformer, tok: Tokenizer, sentence: str, beam_size: int = 
     labelled by the token each one predicts; columns are the tokens attended to."""
     model.eval()
     device = next(model.parameters()).device
-    ids, _ = encode_sources(tok, [sentence], model.cfg.max_len)
+    ids, cut = encode_sources(tok, [sentence], model.cfg.max_len)
+    if cut:
+        log(f"warning: the sentence is longer than max_len={model.cfg.max_len} tokens and was cut to fit")
     src = torch.tensor(ids, device=device)
     hyp = model.generate(src, beam_size, model.cfg.length_penalty, model.cfg.max_len_a, model.cfg.max_len_b)[0]
     tgt_in = torch.tensor([[tok.bos_id] + hyp], device=device)
@@ -102,8 +104,13 @@ def main(argv: list[str]) -> None:
     opt, sentences = parse_args(argv, Options(), allow_positional=True)
     if len(sentences) != 1 or not sentences[0].strip():
         raise UserError('give one non-empty sentence in quotes, e.g. python visualize.py "A man is riding a bicycle."')
+    check_text(sentences)
+    if opt.beam < 0:
+        raise UserError(f"--beam must be 1 or more (0: the checkpoint's setting), got {opt.beam}")
     model, tok = load_model(opt.ckpt, pick_device(opt.device))
     cfg = model.cfg
+    chosen = {kind: (pick(opt.layers, cfg.n_encoder_layers if kind == "encoder" else cfg.n_decoder_layers, "layers"),
+                     pick(opt.heads, cfg.n_heads, "heads")) for kind in KINDS}
     res = collect(model, tok, sentences[0], opt.beam or cfg.beam_size)
     try:
         os.makedirs(opt.out, exist_ok=True)
@@ -112,9 +119,7 @@ def main(argv: list[str]) -> None:
     paths = []
     for kind, title in KINDS.items():
         weights, rows, cols = res[kind]
-        n_layers = cfg.n_encoder_layers if kind == "encoder" else cfg.n_decoder_layers
-        fig = plot_attention(weights, rows, cols, title, pick(opt.layers, n_layers, "layers"),
-                             pick(opt.heads, cfg.n_heads, "heads"))
+        fig = plot_attention(weights, rows, cols, title, *chosen[kind])
         path = os.path.join(opt.out, f"{kind}.png")
         try:
             fig.savefig(path, dpi=80)
@@ -127,8 +132,11 @@ def main(argv: list[str]) -> None:
             f"<h1>{html.escape(sentences[0])}</h1><h2>{html.escape(res['translation'])}</h2>"]
     page += [f"<h3>{KINDS[k]}</h3><img src='{k}.png' style='max-width:100%'>" for k in KINDS]
     index = os.path.join(opt.out, "index.html")
-    with open(index, "w", encoding="utf-8") as f:
-        f.write("\n".join(page) + "\n")
+    try:
+        with open(index, "w", encoding="utf-8") as f:
+            f.write("\n".join(page) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {index}: {e.strerror or e}") from None
     log(f"translation: {res['translation']}")
     print("\n".join(paths + [index]))
 

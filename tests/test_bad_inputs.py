@@ -4,9 +4,6 @@ Every case must end in one of two ways:
   * a valid result: exit 0 and sensible stdout, or
   * a non-zero exit whose stderr ends with ONE line starting with "error: ", and no traceback anywhere.
 Progress and log lines before that last line are fine; a multi-line message or a traceback is not.
-
-Cases that currently fail because of a bug in a script are marked xfail with the file and the suggested fix;
-remove the marker once the script is fixed.
 """
 import gzip
 import os
@@ -81,46 +78,6 @@ def run(script: str, *args, input: bytes = b"", env: dict | None = None):
     return run_script(script, *args, input=input, env=env, timeout=240)
 
 
-# Bugs found by this suite (see the report in each reason); remove a marker once its script is fixed.
-BUG_ARGV_UTF8 = pytest.mark.xfail(reason=(
-    "dataset.py Tokenizer.encode (line 184): a sentence argument with invalid UTF-8 bytes arrives as a str with "
-    "lone surrogates (surrogateescape) and tokenizers' encode_batch raises TypeError: translate.py/visualize.py "
-    "should reject it in main() (try s.encode('utf-8') -> UserError 'the sentence is not valid UTF-8')"))
-BUG_GZIP = pytest.mark.xfail(reason=(
-    "dataset.py read_lines (lines 40-46): a corrupt .gz raises zlib.error, which is not an OSError/EOFError, "
-    "so it escapes as a traceback; catch zlib.error too (and gzip.BadGzipFile)"))
-BUG_EMPTY_SCORE = pytest.mark.xfail(reason=(
-    "translate.py main/score (lines 149-151): --file and --ref both empty -> sacrebleu corpus_score([], [[]]) "
-    "raises IndexError; skip scoring (or report n=0) when there are no lines"))
-BUG_STDOUT = pytest.mark.xfail(reason=(
-    "translate.py main (line 148) / config.run_main: a failing stdout (closed pipe: BrokenPipeError, full disk: "
-    "OSError ENOSPC) escapes as a traceback; run_main should catch OSError from the final write/flush, point "
-    "stdout at os.devnull and print one 'error: cannot write the output: ...' line"))
-BUG_INDEX_HTML = pytest.mark.xfail(reason=(
-    "visualize.py main (line 130): writing index.html is not wrapped like fig.savefig, so an unwritable "
-    "index.html (here a directory of that name) raises IsADirectoryError; wrap it in try/except OSError -> "
-    "UserError"))
-BUG_RESUME_STRIPPED = pytest.mark.xfail(reason=(
-    "train.py main (line 187) / resolve_config: an --out_dir whose ckpt.pt has only model/config/tokenizer (a "
-    "checkpoint stripped for release, which translate.py accepts) is resumed and resume['optimizer'] raises "
-    "KeyError; resolve_config should check for optimizer/scaler/state/rng and refuse with one line (suggesting "
-    "--init_from for such a file)"))
-BUG_RESUME_NO_BEST = pytest.mark.xfail(reason=(
-    "train.py finish (line 298): a resumed run whose out_dir has ckpt.pt but no best.pt, and whose validations "
-    "do not beat the recorded best BLEU, never writes best.pt, so torch.load(best.pt) raises FileNotFoundError; "
-    "evaluate() should also save best.pt when it does not exist (or finish() fall back to the current model)"))
-BUG_TOKENIZER_CACHE = pytest.mark.xfail(reason=(
-    "dataset.py load_data (lines 324-326): an unreadable tokenizer-*.json in --cache_dir (corrupt, or from "
-    "another tokenizers version) raises from Tokenizer.from_str; treat it like the ids cache: log 'ignoring "
-    "unreadable cache' and retrain"))
-BUG_IDS_CACHE = pytest.mark.xfail(reason=(
-    "dataset.py load_data (lines 340-354): an ids-*.pt cache that loads but lacks the expected keys (e.g. "
-    "written by another version) raises KeyError 'train.src'; validate the keys and rebuild the cache otherwise"))
-BUG_INF_LR = pytest.mark.xfail(reason=(
-    "config.py check (line 167): --lr=1e999 parses as inf and passes 'lr <= 0', so the run trains to NaN "
-    "weights and exits 0 (val loss nan, BLEU 0); check() should require math.isfinite for every float setting"))
-
-
 # ---------------------------------------------------------------- shared inputs
 
 
@@ -150,9 +107,9 @@ def fill(args, paths: dict) -> list:
     return [a.format(**paths) if isinstance(a, str) else a for a in args]
 
 
-def case(case_id: str, *values, bug=None):
-    """One parametrized case with a readable id; `bug` is one of the BUG_* xfail markers."""
-    return pytest.param(*values, id=case_id, marks=[bug] if bug else [])
+def case(case_id: str, *values):
+    """One parametrized case with a readable id."""
+    return pytest.param(*values, id=case_id)
 
 
 # ---------------------------------------------------------------- translate.py: sentences and options
@@ -169,7 +126,7 @@ TRANSLATE_ERRORS = [
     case("missing-file", ["--ckpt={ckpt}", "--file={files}/nosuch.en"], ["nosuch.en"]),
     case("file-is-directory", ["--ckpt={ckpt}", "--file={files}/a_dir"], ["a_dir"]),
     case("truncated-gzip-file", ["--ckpt={ckpt}", "--file={files}/truncated.en.gz"], ["truncated.en.gz"]),
-    case("corrupt-gzip-file", ["--ckpt={ckpt}", "--file={files}/corrupt.en.gz"], ["corrupt.en.gz"], bug=BUG_GZIP),
+    case("corrupt-gzip-file", ["--ckpt={ckpt}", "--file={files}/corrupt.en.gz"], ["corrupt.en.gz"]),
     case("ref-line-count", ["--ckpt={ckpt}", "--file={files}/two.en", "--ref={files}/one.de"], ["1", "2", "one.de"]),
     case("ref-without-file", ["--ckpt={ckpt}", "--ref={files}/one.de", "A dog."], ["--ref", "--file"]),
     case("beam-negative", ["--ckpt={ckpt}", "--beam=-1", "A dog."], ["--beam"]),
@@ -212,7 +169,6 @@ def test_translate_very_long_sentence_is_cut_with_a_warning(paths):
     assert "warning" in err and "cut" in err, err[-1000:]
 
 
-@BUG_ARGV_UTF8
 @pytest.mark.parametrize("script", ["translate.py", "visualize.py"])
 def test_sentence_argument_with_invalid_utf8(paths, script):
     """argv bytes that are not UTF-8 (a latin-1 terminal): translate it, or refuse with one line."""
@@ -279,7 +235,6 @@ def test_translate_file_with_ref_prints_scores(paths, files, corpus):
     assert "sacreBLEU=" in r.stderr.decode()
 
 
-@BUG_EMPTY_SCORE
 def test_translate_empty_file_with_empty_ref(paths, files):
     empty = os.path.join(files["dir"], "empty.txt")
     r = run("translate.py", f"--ckpt={paths['ckpt']}", f"--file={empty}", f"--ref={empty}")
@@ -287,7 +242,6 @@ def test_translate_empty_file_with_empty_ref(paths, files):
         assert r.stdout == b""
 
 
-@BUG_STDOUT
 def test_translate_stdout_closed_pipe(paths):
     """`translate.py --file=big.en | head -1`: the reader is gone before anything is written."""
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -298,7 +252,6 @@ def test_translate_stdout_closed_pipe(paths):
     check(subprocess.CompletedProcess(p.args, p.returncode, b"", err))
 
 
-@BUG_STDOUT
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_translate_stdout_disk_full(paths):
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -330,12 +283,12 @@ def bad_ckpts(trained, tmp_path_factory) -> dict:
     raw = open(real, "rb").read()
     out = {"missing": str(d / "nosuch.pt"), "empty-dir": str(d / "empty_dir")}
     os.makedirs(out["empty-dir"])
-    # A run directory that holds other files, but no best.pt or ckpt.pt.
+    # A run directory whose first save was interrupted: config.json, tokenizer.json and ckpt.pt.tmp, no ckpt.pt.
     out["dir-without-ckpt"] = str(d / "run_dir")
     os.makedirs(out["dir-without-ckpt"])
-    for name in ("config.json", "tokenizer.json", "avg-0000010.pt"):
-        shutil.copy(os.path.join(trained, name) if os.path.exists(os.path.join(trained, name)) else real,
-                    os.path.join(out["dir-without-ckpt"], name))
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(os.path.join(trained, name), os.path.join(out["dir-without-ckpt"], name))
+    shutil.copy(real, os.path.join(out["dir-without-ckpt"], "ckpt.pt.tmp"))
 
     def put(name: str, data: bytes) -> None:
         out[name] = str(d / f"{name}.pt")
@@ -445,7 +398,6 @@ def test_visualize_negative_beam(paths, tmp_path):
         assert len(out_lines(r.stdout.decode())) == 4
 
 
-@BUG_INDEX_HTML
 def test_visualize_index_html_not_writable(paths, tmp_path):
     (tmp_path / "v" / "index.html").mkdir(parents=True)  # fails for root too, unlike chmod
     expect_error(run("visualize.py", f"--ckpt={paths['ckpt']}", f"--out={tmp_path}/v", "A dog."), "index.html")
@@ -500,7 +452,6 @@ TRAIN_ERRORS = [
     case("finetune-bogus", ["--finetune=bogus"], ["bogus"]),
     case("same-languages", ["--tgt_lang=en"], ["--tgt_lang"]),
     case("device-tpu", ["--device=tpu"], ["tpu"]),
-    case("dtype-float64", ["--dtype=float64"], ["--dtype"]),
     case("other-language-pair", ["--src_lang=fr"], ["train.fr"]),
     case("max-len-fits-nothing", ["--max_len=3"], ["max_len"]),
     case("non-finite-loss", ["--lr=1e30", "--max_bad_steps=1", "--max_steps=5"], ["non-finite"]),
@@ -509,7 +460,7 @@ TRAIN_ERRORS = [
     case("out-dir-under-a-file", ["--out_dir={afile}/sub"], ["--out_dir"]),
     case("out-dir-is-a-file", ["--out_dir={afile}"], ["--out_dir"]),
     case("init-from-missing", ["--init_from={tmp}/no_such_ckpt.pt"], ["no_such_ckpt.pt"]),
-    case("lr-infinite", ["--lr=1e999"], ["--lr"], bug=BUG_INF_LR),
+    case("lr-infinite", ["--lr=1e999"], ["--lr"]),
 ]
 
 
@@ -533,7 +484,7 @@ BAD_CORPUS_CASES = [
     case("non-utf8", "non-utf8", ["train.en", "line 7"]),
     case("missing-split", "missing-split", ["test_2016_flickr.de"]),
     case("blank-val", "blank-val", ["val"]),
-    case("corrupt-gzip", "corrupt-gzip", ["val.en.gz"], bug=BUG_GZIP),
+    case("corrupt-gzip", "corrupt-gzip", ["val.en.gz"]),
 ]
 
 
@@ -594,13 +545,11 @@ def test_train_resume_with_another_model_size(paths, tmp_path):
     expect_error(run("train.py", *train_args(paths, tmp_path, "--d_model=64")), "d_model")
 
 
-@BUG_RESUME_STRIPPED
 def test_train_resume_from_stripped_checkpoint(paths, tmp_path):
     _resume_dir(tmp_path, paths["ckpt"], lambda c: {k: c[k] for k in ("model", "config", "tokenizer")})
     check(run("train.py", *train_args(paths, tmp_path, "--max_steps=62")))
 
 
-@BUG_RESUME_NO_BEST
 def test_train_resume_without_best_pt(paths, tmp_path):
     """Only ckpt.pt was copied to continue a run elsewhere; its recorded best BLEU is not beaten."""
     def edit(c):
@@ -614,24 +563,27 @@ def test_train_resume_without_best_pt(paths, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def warm_cache(paths, tmp_path_factory) -> str:
-    """A --cache_dir filled by a run that stops right after the data step (--dtype is checked after it)."""
+def warm_cache(paths, tmp_path_factory) -> dict:
+    """A --cache_dir filled by a run that stops right after the data step: --dtype=float64 is refused only then.
+    Returns the folder and that run's result (checked by test_train_dtype_refused_after_the_data_step)."""
     tmp = tmp_path_factory.mktemp("warm")
     r = run("train.py", *train_args(paths, tmp, "--dtype=float64"))
-    expect_error(r, "--dtype")
-    names = os.listdir(tmp / "cache")
-    assert any(n.startswith("tokenizer-") for n in names) and any(n.startswith("ids-") for n in names), names
-    return str(tmp / "cache")
+    return {"cache": str(tmp / "cache"), "result": r}
+
+
+def test_train_dtype_refused_after_the_data_step(warm_cache):
+    expect_error(warm_cache["result"], "--dtype")
 
 
 @pytest.mark.parametrize("prefix", [
-    pytest.param("tokenizer-", marks=BUG_TOKENIZER_CACHE, id="tokenizer-cache"),
-    pytest.param("ids-", marks=BUG_IDS_CACHE, id="ids-cache"),
+    pytest.param("tokenizer-", id="tokenizer-cache"),
+    pytest.param("ids-", id="ids-cache"),
 ])
 def test_train_corrupt_cache(paths, warm_cache, tmp_path, prefix):
     """A cache is an optimization: a broken one must be ignored (or refused with one line), never a traceback."""
     cache = tmp_path / "cache"
-    shutil.copytree(warm_cache, cache)
+    shutil.copytree(warm_cache["cache"], cache)
+    assert any(name.startswith(prefix) for name in os.listdir(cache)), os.listdir(cache)
     for name in os.listdir(cache):
         if name.startswith(prefix):
             if name.endswith(".json"):
