@@ -383,10 +383,11 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- training helpers
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
-                            head_lr: float | None = None, fused: bool = False) -> torch.optim.AdamW:
+                            head_lr: float | None = None) -> torch.optim.AdamW:
         """AdamW over the parameters that require grad only (fine-tuning freezes the rest). Weight decay on
         matrices only: decaying biases and LayerNorm gains just fights the normalization. With head_lr, the
-        head (see head_parameters) gets its own learning rate."""
+        head (see head_parameters) gets its own learning rate. The fused kernel is one launch for all tensors
+        and can skip a non-finite step on the device (see train.py)."""
         head = {id(p) for p in self.head_parameters()} if head_lr is not None else set()
         groups = {}
         for p in self.parameters():
@@ -396,7 +397,7 @@ class Transformer(nn.Module):
         param_groups = [{"params": ps, "weight_decay": weight_decay if matrix else 0.0,
                          "lr": head_lr if is_head else lr, "name": ("head" if is_head else "body")}
                         for (is_head, matrix), ps in sorted(groups.items())]
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=True)
 
     def estimate_flops(self, src_lens: Tensor, tgt_lens: Tensor) -> float:
         """Matmul FLOPs of one training step (forward + backward = 3x forward) on sentences of these lengths.

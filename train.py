@@ -9,7 +9,7 @@ Train a translator: validation BLEU as it goes, atomic checkpoints, exact resume
     python train.py --init_from=out-tiny --finetune=all --tgt_lang=fr --out_dir=out-fr   # fine-tune
 
 Ctrl-C or SIGTERM saves a checkpoint and exits 0; running the same command again continues exactly where it
-stopped. The last line on stdout is the test score, e.g. `test sacreBLEU=38.21 chrF=63.40 n=1000 beam=5`.
+stopped. The last line on stdout is the test score, e.g. `test sacreBLEU=32.00 lowercased=32.9 chrF=56.91 n=1000 beam=4`.
 """
 import contextlib
 import json
@@ -134,11 +134,11 @@ def validate(model: Transformer, data, cfg: Config, device: str, autocast, split
                                      reduction="sum")
             count += int(part.tgt_len[idx].sum())
         hyps = translate_sentences(model, data.tokenizer, part.src_text, cfg.beam_size)
-    bleu, chrf = score(hyps, part.tgt_text)
+    scores = score(hyps, part.tgt_text)
     for i in range(min(n_examples, len(hyps))):
         tqdm.write(f"  src: {part.src_text[i]}\n  ref: {part.tgt_text[i]}\n  hyp: {hyps[i]}", file=sys.stderr)
     model.train()
-    return {"loss": float(total) / max(count, 1), "bleu": bleu, "chrf": chrf, "n": len(hyps), "hyps": hyps}
+    return {"loss": float(total) / max(count, 1), **scores, "n": len(hyps), "hyps": hyps}
 
 
 def main(argv: list[str]) -> None:
@@ -185,8 +185,7 @@ def main(argv: list[str]) -> None:
             p.requires_grad_(id(p) in head)
     cuda = device.startswith("cuda")
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                          head_lr=(cfg.head_lr or cfg.lr) if cfg.finetune == "all" else None,
-                                          fused=cuda)
+                                          head_lr=(cfg.head_lr or cfg.lr) if cfg.finetune == "all" else None)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     dtype, use_scaler = precision(cfg, device)
@@ -217,8 +216,8 @@ def main(argv: list[str]) -> None:
 
     def checkpoint(path: str) -> None:
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "state": dict(state), "rng": rng_state(),
-                         "config": asdict(cfg), "tokenizer": tok.to_str()}, path)
+                         "scaler": scaler.state_dict(), "state": {**state, "bad_steps": int(bad_run)},
+                         "rng": rng_state(), "config": asdict(cfg), "tokenizer": tok.to_str()}, path)
 
     def evaluate() -> None:
         """Validate, log, keep best.pt and ckpt.pt (and the weights for averaging) up to date."""
@@ -250,6 +249,9 @@ def main(argv: list[str]) -> None:
 
     start_time, bar, tokens_seen, t_log = time.time(), None, 0, time.time()
     loss_sum = torch.zeros((), device=device)
+    # Skipped (non-finite) updates are counted on the device and read at log steps: no host sync per step.
+    bad_run = torch.full((), float(state["bad_steps"]), device=device)  # non-finite steps in a row, now
+    worst_run, skipped = torch.zeros((), device=device), torch.zeros((), device=device)  # since the last log
     last_eval = state["step"]
     reason = None
     train_model.train()
@@ -294,22 +296,25 @@ def main(argv: list[str]) -> None:
                 step_loss += loss.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if torch.isfinite(grad_norm) or use_scaler:  # the scaler skips non-finite fp16 steps by itself
-                scaler.step(optimizer)
-                state["bad_steps"] = 0
-            else:
-                state["bad_steps"] += 1
-                tqdm.write(f"step {state['step']}: non-finite loss or gradient, update skipped", file=sys.stderr)
-                if state["bad_steps"] >= cfg.max_bad_steps:
-                    raise UserError(f"{state['bad_steps']} non-finite steps in a row at step {state['step']}; "
-                                    f"stopping, the last good checkpoint in {cfg.out_dir} is kept (try a lower --lr)")
+            ok = torch.isfinite(grad_norm)
+            if not use_scaler:  # (the fp16 scaler finds and skips non-finite steps by itself)
+                optimizer.found_inf = (~ok).float()  # the fused AdamW kernel then skips this update on the device
+                bad_run = torch.where(ok, 0.0, bad_run + 1)
+                worst_run, skipped = torch.maximum(worst_run, bad_run), skipped + (~ok).float()
+            scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch"] += 1
-            if state["bad_steps"] == 0:
-                loss_sum += step_loss / n_tokens
+            loss_sum += torch.where(ok, step_loss / n_tokens, 0.0)
             tokens_seen += n_tokens
+            if state["step"] % cfg.log_interval == 0 and skipped > 0:  # every rank reads it, so all stop together
+                tqdm.write(f"step {state['step']}: {int(skipped)} update(s) skipped since the last log "
+                           f"(non-finite loss or gradient)", file=sys.stderr)
+                if worst_run >= cfg.max_bad_steps:
+                    raise UserError(f"{int(worst_run)} non-finite steps in a row by step {state['step']}; stopping, "
+                                    f"the last good checkpoint in {cfg.out_dir} is kept (try a lower --lr)")
+                worst_run.zero_(), skipped.zero_()
             if master:
                 bar.update(1)
                 if state["step"] % cfg.log_interval == 0:
@@ -370,7 +375,8 @@ def finish(model: Transformer, data, cfg: Config, device: str, autocast, state: 
     model.load_state_dict(best["model"])
     res = validate(model, data, cfg, device, autocast, split="test")
     log(f"test (best.pt, val BLEU {best['state']['best_bleu']:.2f}): loss {res['loss']:.3f}")
-    print(f"test sacreBLEU={res['bleu']:.2f} chrF={res['chrf']:.2f} n={res['n']} beam={cfg.beam_size}", flush=True)
+    print(f"test sacreBLEU={res['bleu']:.2f} lowercased={res['bleu_lc']:.2f} chrF={res['chrf']:.2f} n={res['n']} "
+          f"beam={cfg.beam_size}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import train
 import translate
 
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-TEST_LINE = re.compile(r"^test sacreBLEU=\d+\.\d\d chrF=\d+\.\d\d n=\d+ beam=\d+$")
+TEST_LINE = re.compile(r"^test sacreBLEU=\d+\.\d\d lowercased=\d+\.\d\d chrF=\d+\.\d\d n=\d+ beam=\d+$")
 
 
 # ---------------------------------------------------------------- helpers
@@ -141,12 +141,18 @@ def reference(tmp_path_factory, corpus, cache) -> dict:
     return weights(out)
 
 
-def test_sigterm_then_resume_is_exact(tmp_path, corpus, cache, reference):
-    out = str(tmp_path / "run")
-    args = train_args(corpus, out, cache, *RESUME_STEPS)
+def start_until_first_checkpoint(out: str, args: list[str]) -> tuple[Run, str]:
+    """Start a training run and return once its first ckpt.pt exists (the run goes on)."""
     ckpt = os.path.join(out, "ckpt.pt")
     run = Run(args)
     assert run.wait_until(lambda: os.path.exists(ckpt)), "the run ended before its first checkpoint:\n" + run.stderr
+    return run, ckpt
+
+
+def test_sigterm_then_resume_is_exact(tmp_path, corpus, cache, reference):
+    out = str(tmp_path / "run")
+    args = train_args(corpus, out, cache, *RESUME_STEPS)
+    run, ckpt = start_until_first_checkpoint(out, args)
     run.proc.send_signal(signal.SIGTERM)
     rc = run.finish()
     assert rc == 0, run.stderr[-3000:]
@@ -168,9 +174,7 @@ def test_sigterm_then_resume_is_exact(tmp_path, corpus, cache, reference):
 def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, corpus, cache, reference):
     out = str(tmp_path / "run")
     args = train_args(corpus, out, cache, *RESUME_STEPS)
-    ckpt = os.path.join(out, "ckpt.pt")
-    run = Run(args)
-    assert run.wait_until(lambda: os.path.exists(ckpt)), "the run ended before its first checkpoint:\n" + run.stderr
+    run, ckpt = start_until_first_checkpoint(out, args)
     time.sleep(0.03)  # a few steps past the checkpoint: those steps are lost and must be redone identically
     assert run.proc.poll() is None, "the run finished before it could be killed"
     run.proc.kill()
@@ -345,7 +349,11 @@ def poison_forward(monkeypatch, bad_steps, snapshot_steps=()):
     return seen
 
 
-def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, capsys, in_process):
+@pytest.mark.parametrize("log_interval, stop_step", [(1, 15), (10, 20)])
+def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, capsys, in_process, log_interval,
+                                       stop_step):
+    """Skips are counted on the device and read at log steps: the run stops at the first log step after
+    max_bad_steps bad steps in a row (steps 12, 13, 14 here)."""
     out = str(tmp_path / "run")
     ckpt = os.path.join(out, "ckpt.pt")
     seen = poison_forward(monkeypatch, bad_steps=range(12, 10**9))
@@ -358,11 +366,12 @@ def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, cap
 
     monkeypatch.setattr(train, "save_checkpoint", recording_save)
     with pytest.raises(config.UserError) as e:
-        train.main(train_args(corpus, out, cache, "--max_steps=40", "--eval_interval=10", "--max_bad_steps=3"))
-    assert "non-finite" in str(e.value) and "3" in str(e.value)
-    assert seen["n"] == 15  # steps 12, 13, 14 were bad: the third one stops the run
+        train.main(train_args(corpus, out, cache, "--max_steps=40", "--eval_interval=10", "--max_bad_steps=3",
+                              f"--log_interval={log_interval}"))
+    assert "non-finite steps in a row" in str(e.value) and f"by step {stop_step}" in str(e.value)
+    assert seen["n"] == stop_step
     err = capsys.readouterr().err
-    assert err.count("non-finite loss or gradient, update skipped") == 3
+    assert err.count("update(s) skipped since the last log") == (3 if log_interval == 1 else 1)
     with open(ckpt, "rb") as f:
         assert f.read() == saved[ckpt]  # the last good checkpoint, untouched
     state = translate.read_checkpoint(ckpt)
@@ -375,13 +384,14 @@ def test_single_nonfinite_step_is_skipped(tmp_path, corpus, cache, monkeypatch, 
     seen = poison_forward(monkeypatch, bad_steps={12}, snapshot_steps={12, 13, 14})
     train.main(train_args(corpus, out, cache, "--max_steps=16", "--eval_interval=10", "--max_bad_steps=3"))
     err = capsys.readouterr().err
-    assert "step 12: non-finite loss or gradient, update skipped" in err
-    assert err.count("update skipped") == 1
+    assert "step 15: 1 update(s) skipped since the last log" in err  # TINY logs every 5 steps
+    assert err.count("skipped") == 1
     snaps = seen["snapshots"]
     assert_same_weights(snaps[13], snaps[12])  # the skipped step changed nothing
     assert any(not torch.equal(snaps[14][k], snaps[13][k]) for k in snaps[13])  # and training went on
     state = load(os.path.join(out, "ckpt.pt"))
     assert state["state"]["step"] == 16 and state["state"]["bad_steps"] == 0
+    assert all(int(s["step"]) == 15 for s in state["optimizer"]["state"].values())  # Adam's step count too
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
