@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from config import PRESETS, Config, UserError, check, parse_args, run_main
 from dataset import load_data, log, pad_rows
 from model import PositionalEncoding, TokenEmbedding, Transformer
-from translate import load_model, pick_device
+from translate import load_model, pick_device, translate_sentences
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; other devices get a measured matmul rate.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -95,7 +95,7 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
     setups = {}
     for name, model in models.items():
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         fn = torch.compile(model) if cuda else model
         setups[name] = (model, opt, fn)
 
@@ -131,15 +131,14 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def decode_time(model: Transformer, srcs: list, beam: int, use_cache: bool, device: str) -> tuple[float, int]:
+def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool, device: str) -> tuple[float, int]:
+    """Seconds to translate the texts as translate.py does (token-budget batches, bf16 on CUDA), and the number
+    of target tokens produced (EOS included)."""
     sync(device)
-    t, n_tokens = time.perf_counter(), 0
-    for src in srcs:
-        hyps = model.generate(src, beam, model.cfg.length_penalty, model.cfg.max_len_a, model.cfg.max_len_b,
-                              use_cache=use_cache)
-        n_tokens += sum(len(h) + 1 for h in hyps)
+    t = time.perf_counter()
+    hyps = translate_sentences(model, tok, texts, beam, use_cache=use_cache)
     sync(device)
-    return time.perf_counter() - t, n_tokens
+    return time.perf_counter() - t, sum(len(h) + 1 for h in tok.encode(hyps))
 
 
 @torch.no_grad()
@@ -211,7 +210,7 @@ def main(argv: list[str]) -> None:
     print(f"  time per step ours / nn.Transformer = {ratio:.3f}")
 
     if opt.ckpt:
-        model, _ = load_model(opt.ckpt, device)
+        model, tok = load_model(opt.ckpt, device)  # and its own tokenizer: the ids must match its embeddings
         if model.cfg.d_model != cfg.d_model:
             log(f"note: decoding uses the checkpoint's model, not preset {opt.preset}")
     else:
@@ -220,19 +219,17 @@ def main(argv: list[str]) -> None:
     model.eval()
     texts = data.test.src_text[:opt.sentences]
     ids = [s[:model.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(texts)]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results = {}
+    print(f"decoding ({model.cfg.eval_max_tokens}-token batches, as translate.py and validation do):")
     with torch.inference_mode():
         for beam in (1, 5):
-            per_batch = 256 if beam == 1 else 64  # sentences per decoding batch
-            srcs = [pad_rows([ids[i] for i in order[j:j + per_batch]], tok.pad_id).to(device)
-                    for j in range(0, len(order), per_batch)]
-            decode_time(model, srcs[:1], beam, True, device)  # warmup
+            decode_time(model, tok, texts[:64], beam, True, device)  # warmup
             for use_cache in (True, False):
-                s, n = decode_time(model, srcs, beam, use_cache, device)
+                s, n = decode_time(model, tok, texts, beam, use_cache, device)
                 results[(beam, use_cache)] = s
-                print(f"decoding {'greedy' if beam == 1 else f'beam {beam}':7s} {'with' if use_cache else 'without'}"
-                      f" KV cache: {s:7.2f} s for {len(ids)} sentences, {len(ids) / s:8.1f} sent/s, {n / s:9.0f} tok/s")
+                print(f"  {'greedy' if beam == 1 else f'beam {beam}':7s} {'with' if use_cache else 'without'}"
+                      f" KV cache: {s:7.2f} s for {len(texts)} sentences, {len(texts) / s:8.1f} sent/s, "
+                      f"{n / s:9.0f} tok/s")
         for beam in (1, 5):
             print(f"  KV cache speed-up, {'greedy' if beam == 1 else 'beam 5'}: "
                   f"{results[(beam, False)] / results[(beam, True)]:.2f}x")

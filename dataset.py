@@ -271,15 +271,15 @@ class Split:
 
     def batch(self, idx: Tensor, device: str | torch.device = "cpu", pad_multiple: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """(src, tgt_in, labels) of these sentences, each padded only to the longest in the batch."""
-        S = min(round_up(int(self.src_len[idx].max()), pad_multiple), self.src.size(1))
-        T = min(round_up(int(self.tgt_len[idx].max()), pad_multiple), self.tgt_in.size(1))
-        src, tgt_in, labels = self.src[idx, :S], self.tgt_in[idx, :T], self.labels[idx, :T]
-        if S < round_up(S, pad_multiple) or T < round_up(T, pad_multiple):
-            src = torch.nn.functional.pad(src, (0, round_up(S, pad_multiple) - S), value=self.pad_id)
-            tgt_in = torch.nn.functional.pad(tgt_in, (0, round_up(T, pad_multiple) - T), value=self.pad_id)
-            labels = torch.nn.functional.pad(labels, (0, round_up(T, pad_multiple) - T), value=self.pad_id)
+        S = round_up(int(self.src_len[idx].max()), pad_multiple)
+        T = round_up(int(self.tgt_len[idx].max()), pad_multiple)
         non_blocking = torch.device(device).type == "cuda"
-        return tuple(t.to(device, non_blocking=non_blocking) for t in (src, tgt_in, labels))
+
+        def rows(matrix: Tensor, width: int) -> Tensor:  # exactly `width` columns, padding past the matrix's own
+            out = torch.nn.functional.pad(matrix[idx, :width], (0, max(0, width - matrix.size(1))), value=self.pad_id)
+            return out.to(device, non_blocking=non_blocking)
+
+        return rows(self.src, S), rows(self.tgt_in, T), rows(self.labels, T)
 
 
 def encode_sources(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:

@@ -45,7 +45,7 @@ def test_translate_reports_bleu_against_references(trained, tmp_path):
     ref.write_text("\n".join(["Ein großer mann fährt der rad."] * len(SENTENCES)) + "\n", encoding="utf-8")
     r = run_script("translate.py", f"--ckpt={trained}", f"--file={src}", f"--ref={ref}")
     assert r.returncode == 0
-    assert re.search(r"sacreBLEU=\d+\.\d\d chrF=\d+\.\d\d n=5 beam=2", r.stderr.decode())
+    assert re.search(r"sacreBLEU=\d+\.\d\d lowercased=\d+\.\d\d chrF=\d+\.\d\d n=5 beam=2", r.stderr.decode())
 
 
 def test_batched_translation_equals_one_by_one_in_process(trained):
