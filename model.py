@@ -198,7 +198,7 @@ class DecoderLayer(nn.Module):
         causal = cache is None or "k" not in cache["self"]
         sw, cw = (maps["decoder"], maps["cross"]) if maps is not None else (None, None)
         x = self.residual_self(x, lambda h: self.self_attn(
-            h, is_causal=causal and h.size(1) > 1, cache=cache and cache["self"], weights=sw))
+            h, is_causal=causal, cache=cache and cache["self"], weights=sw))
         x = self.residual_cross(x, lambda h: self.cross_attn(
             h, memory, mask=src_mask, cache=cache and cache["cross"], weights=cw))
         return self.residual_ff(x, self.feed_forward)

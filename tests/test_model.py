@@ -240,3 +240,16 @@ def test_learns_to_reverse(pre_norm):
             if exact == 1.0:
                 return
     pytest.fail(f"exact match {exact:.2%} after {step + 1} steps")
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_training_forward_compiles_to_one_graph_for_any_shape(pre_norm):
+    """train.py compiles the model on CUDA, and batch shapes change every step. With dynamic shapes the whole
+    forward must still be one graph: a graph break (say, a Python bool made from a symbolic length) would quietly
+    run the rest of the model eagerly. backend="eager" traces without generating code, so this runs in seconds."""
+    torch._dynamo.reset()
+    model = make_model(pre_norm=pre_norm).train()  # dropout 0: the two runs below must agree
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    for n, seed in ((3, 0), (5, 1), (2, 2)):
+        src, tgt = random_batch(n, seed)[0], random_batch(n, seed + 10, lo=1)[0]
+        torch.testing.assert_close(compiled(src, tgt), model(src, tgt))
