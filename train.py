@@ -196,8 +196,10 @@ def main(argv: list[str]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best_bleu": -1.0, "stale": 0, "stale_stop": False,
-             "bad_steps": 0, "history": []}
+             "bad_steps": 0, "worst_bad": 0, "skipped": 0, "history": []}
     if resume:
+        for group in resume["optimizer"]["param_groups"]:  # older checkpoints were not fused: they are now
+            group.update(fused=True, foreach=None)
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         state.update(resume["state"])
@@ -217,7 +219,7 @@ def main(argv: list[str]) -> None:
 
     def checkpoint(path: str) -> None:
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "state": {**state, "bad_steps": int(bad_run)},
+                         "scaler": scaler.state_dict(), "state": {**state, **{k: int(v) for k, v in bad.items()}},
                          "rng": rng_state(), "config": asdict(cfg), "tokenizer": tok.to_str()}, path)
 
     def evaluate() -> None:
@@ -250,9 +252,24 @@ def main(argv: list[str]) -> None:
 
     start_time, bar, tokens_seen, t_log = time.time(), None, 0, time.time()
     loss_sum = torch.zeros((), device=device)
-    # Skipped (non-finite) updates are counted on the device and read at log steps: no host sync per step.
-    bad_run = torch.full((), float(state["bad_steps"]), device=device)  # non-finite steps in a row, now
-    worst_run, skipped = torch.zeros((), device=device), torch.zeros((), device=device)  # since the last log
+    # Non-finite steps are counted on the device and read at log steps and at the end: no host sync per step.
+    # bad_steps: in a row now; worst_bad: the longest such run and skipped: how many, since the last check.
+    bad = {k: torch.full((), float(state[k]), device=device) for k in ("bad_steps", "worst_bad", "skipped")}
+
+    def check_skipped() -> int:
+        """Report the updates skipped since the last check, and stop after max_bad_steps in a row. Gradients are
+        all-reduced, so every rank reads the same counters and all stop together."""
+        n, worst = (int(v) for v in torch.stack([bad["skipped"], bad["worst_bad"]]).tolist())
+        if n and master:
+            tqdm.write(f"step {state['step']}: {n} update(s) skipped since the last log (non-finite loss or "
+                       f"gradient)", file=sys.stderr)
+        if worst >= cfg.max_bad_steps:
+            raise UserError(f"{worst} non-finite steps in a row by step {state['step']}; stopping, the last good "
+                            f"checkpoint in {cfg.out_dir} is kept (try a lower --lr)")
+        bad["skipped"].zero_()
+        bad["worst_bad"].copy_(bad["bad_steps"])
+        return n
+
     last_eval = state["step"]
     reason = None
     train_model.train()
@@ -300,8 +317,9 @@ def main(argv: list[str]) -> None:
             ok = torch.isfinite(grad_norm)
             if not use_scaler:  # (the fp16 scaler finds and skips non-finite steps by itself)
                 optimizer.found_inf = (~ok).float()  # the fused AdamW kernel then skips this update on the device
-                bad_run = torch.where(ok, 0.0, bad_run + 1)
-                worst_run, skipped = torch.maximum(worst_run, bad_run), skipped + (~ok).float()
+                bad["bad_steps"].copy_(torch.where(ok, 0.0, bad["bad_steps"] + 1))
+                bad["worst_bad"].copy_(torch.maximum(bad["worst_bad"], bad["bad_steps"]))
+                bad["skipped"].add_((~ok).float())
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -309,17 +327,12 @@ def main(argv: list[str]) -> None:
             state["batch"] += 1
             loss_sum += torch.where(ok, step_loss / n_tokens, 0.0)
             tokens_seen += n_tokens
-            if state["step"] % cfg.log_interval == 0 and skipped > 0:  # every rank reads it, so all stop together
-                tqdm.write(f"step {state['step']}: {int(skipped)} update(s) skipped since the last log "
-                           f"(non-finite loss or gradient)", file=sys.stderr)
-                if worst_run >= cfg.max_bad_steps:
-                    raise UserError(f"{int(worst_run)} non-finite steps in a row by step {state['step']}; stopping, "
-                                    f"the last good checkpoint in {cfg.out_dir} is kept (try a lower --lr)")
-                worst_run.zero_(), skipped.zero_()
+            log_now = state["step"] % cfg.log_interval == 0
+            n_skipped = check_skipped() if log_now else 0
             if master:
                 bar.update(1)
-                if state["step"] % cfg.log_interval == 0:
-                    loss_avg = float(loss_sum) / cfg.log_interval  # the only host sync of the loop's logging
+                if log_now:
+                    loss_avg = float(loss_sum) / max(1, cfg.log_interval - n_skipped)  # host syncs: log steps only
                     tok_s = tokens_seen / (time.time() - t_log)
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
@@ -343,6 +356,7 @@ def main(argv: list[str]) -> None:
                     evaluate()
                 last_eval = state["step"]
 
+    check_skipped()  # the steps since the last log step
     if master:
         log(f"stopping at step {state['step']}: {reason}")
         if stop["signal"]:

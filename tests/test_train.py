@@ -188,6 +188,21 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, corpus, cach
     assert_same_weights(weights(out), reference)
 
 
+def test_resume_from_a_checkpoint_of_the_unfused_optimizer(tmp_path, corpus, cache):
+    """Checkpoints written before AdamW became fused record fused=False; they must resume (fused) all the same."""
+    out = str(tmp_path / "run")
+    run_ok(*train_args(corpus, out, cache, "--max_steps=10"))
+    ckpt = os.path.join(out, "ckpt.pt")
+    state = load(ckpt)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=False, foreach=False)
+    torch.save(state, ckpt)
+    r = run_ok(*train_args(corpus, out, cache, "--max_steps=20"))
+    assert f"resuming from {out}/ckpt.pt" in r.stderr.decode()
+    resumed = load(ckpt)
+    assert resumed["state"]["step"] == 20 and all(g["fused"] for g in resumed["optimizer"]["param_groups"])
+
+
 @pytest.mark.slow
 def test_random_sigkills_leave_loadable_files_and_exact_result(tmp_path, corpus, cache):
     """Five SIGKILLs at seeded random moments of training (checkpoints every 5 steps, weight averaging on, so
@@ -349,14 +364,15 @@ def poison_forward(monkeypatch, bad_steps, snapshot_steps=()):
     return seen
 
 
-@pytest.mark.parametrize("log_interval, stop_step", [(1, 15), (10, 20)])
+@pytest.mark.parametrize("log_interval, stop_step, ckpt_step", [(1, 15, 10), (10, 20, 10), (50, 40, 40)])
 def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, capsys, in_process, log_interval,
-                                       stop_step):
-    """Skips are counted on the device and read at log steps: the run stops at the first log step after
-    max_bad_steps bad steps in a row (steps 12, 13, 14 here)."""
+                                       stop_step, ckpt_step):
+    """Skips are counted on the device and read at log steps and at the end of the run: it stops at the first of
+    those after max_bad_steps bad steps in a row (steps 12, 13, 14 here; with log_interval=50, max_steps=40 ends
+    the loop first, and validations at steps 20-40 saved checkpoints whose weights are still those of step 12)."""
     out = str(tmp_path / "run")
     ckpt = os.path.join(out, "ckpt.pt")
-    seen = poison_forward(monkeypatch, bad_steps=range(12, 10**9))
+    seen = poison_forward(monkeypatch, bad_steps=range(12, 10**9), snapshot_steps={12})
     real_save, saved = train.save_checkpoint, {}
 
     def recording_save(obj, path):
@@ -375,8 +391,10 @@ def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, cap
     with open(ckpt, "rb") as f:
         assert f.read() == saved[ckpt]  # the last good checkpoint, untouched
     state = translate.read_checkpoint(ckpt)
-    assert state["state"]["step"] == 10
+    assert state["state"]["step"] == ckpt_step
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+    if ckpt_step > 12:
+        assert_same_weights(state["model"], seen["snapshots"][12])
 
 
 def test_single_nonfinite_step_is_skipped(tmp_path, corpus, cache, monkeypatch, capsys, in_process):
