@@ -132,8 +132,8 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
 
 
 def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool, device: str) -> tuple[float, int]:
-    """Seconds to translate the texts as translate.py does (token-budget batches, bf16 on CUDA), and the number
-    of target tokens produced (EOS included)."""
+    """Seconds to translate the texts as translate.py does (token-budget batches, bf16 on CUDA), and about how
+    many target tokens that produced (the output re-encoded, plus EOS)."""
     sync(device)
     t = time.perf_counter()
     hyps = translate_sentences(model, tok, texts, beam, use_cache=use_cache)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from config import MODEL_KEYS, Config, UserError, config_from_dict, get_config, run_main
 from dataset import Tokenizer, load_data, log
 from model import Transformer
-from translate import build_model, checkpoint_path, pick_device, read_checkpoint, score, translate_sentences
+from translate import (build_model, checkpoint_path, pick_device, precision, read_checkpoint, score,
+                       translate_sentences)
 
 
 def lr_factor(step: int, warmup: int) -> float:
@@ -106,18 +107,6 @@ def setup_distributed(device_arg: str) -> tuple[int, int, str]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether fp16 needs a gradient scaler)."""
-    kind = device.split(":")[0]
-    want = cfg.dtype
-    if want == "auto":
-        want = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if kind == "cuda" else "float32"
-    if want not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {want!r}")
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
-    return dtype, dtype is torch.float16 and kind == "cuda"
 
 
 @torch.no_grad()
@@ -316,10 +305,10 @@ def main(argv: list[str]) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             ok = torch.isfinite(grad_norm)
             if not use_scaler:  # (the fp16 scaler finds and skips non-finite steps by itself)
-                optimizer.found_inf = (~ok).float()  # the fused AdamW kernel then skips this update on the device
-                bad["bad_steps"].copy_(torch.where(ok, 0.0, bad["bad_steps"] + 1))
+                optimizer.found_inf = found_inf = (~ok).float()  # the fused AdamW kernel skips this update
+                bad["bad_steps"].add_(1).mul_(found_inf)  # a good step resets it to 0
                 bad["worst_bad"].copy_(torch.maximum(bad["worst_bad"], bad["bad_steps"]))
-                bad["skipped"].add_((~ok).float())
+                bad["skipped"].add_(found_inf)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

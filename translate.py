@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import UserError, config_from_dict, parse_args, run_main
+from config import Config, UserError, config_from_dict, parse_args, run_main
 from dataset import Tokenizer, encode_sources, log, pad_rows, read_lines, token_batches
 from model import Transformer
 
@@ -40,6 +40,18 @@ def pick_device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device=mps but MPS is not available here")
     return name
+
+
+def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether fp16 needs a gradient scaler): training and translation share it."""
+    kind = device.split(":")[0]
+    want = cfg.dtype
+    if want == "auto":
+        want = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if kind == "cuda" else "float32"
+    if want not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {want!r}")
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
+    return dtype, dtype is torch.float16 and kind == "cuda"
 
 
 def checkpoint_path(path: str) -> str:
@@ -100,10 +112,9 @@ def translate_sentences(model: Transformer, tok: Tokenizer, texts: list[str], be
                         max_tokens: int | None = None, use_cache: bool = True) -> list[str]:
     """Translate many sentences in token-budget batches of similar length; results in input order.
     Empty sentences give empty translations; sentences longer than the model's max_len are cut (with a warning).
-    On CUDA the matrix products run in bf16 (fp16 where bf16 is missing), as in training's validation."""
+    Runs in the model's training precision (config.dtype: bf16 on CUDA by default, fp32 on CPU)."""
     cfg, device = model.cfg, next(model.parameters()).device
-    cuda = device.type == "cuda"
-    half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    dtype, _ = precision(cfg, device.type)
     keep = [i for i, t in enumerate(texts) if t.strip()]
     ids, cut = encode_sources(tok, [texts[i] for i in keep], cfg.max_len)
     if cut:
@@ -116,7 +127,7 @@ def translate_sentences(model: Transformer, tok: Tokenizer, texts: list[str], be
     model.eval()
     for batch in token_batches(lengths, lengths, budget):
         src = pad_rows([ids[i] for i in batch.tolist()], tok.pad_id).to(device)
-        with torch.autocast(device.type, dtype=half, enabled=cuda):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             hyps = model.generate(src, beam_size, cfg.length_penalty, cfg.max_len_a, cfg.max_len_b, use_cache)
         for i, text in zip(batch.tolist(), tok.decode(hyps)):
             out[keep[i]] = text
