@@ -6,6 +6,7 @@ without the KV cache, on real Multi30k batches.
     python bench.py --preset=tiny --device=cpu        # this is what the CPU figures in the README come from
     python bench.py --preset=tiny --ckpt=out-tiny     # decode with trained weights (realistic output lengths)
     python bench.py --steps=2 --sentences=16          # a quick smoke run
+    python bench.py --profile=5                       # plus the kernels that take the time, over 5 steps
 
 The last line sums it up: train_tok_s=... mfu=... ratio_vs_nn_transformer=... greedy_s=... beam5_s=...
 """
@@ -39,6 +40,7 @@ class Options:
     ckpt: str = ""  # decode with these trained weights (default: the untrained model, which runs to max length)
     data_dir: str = "../shared/data/multi30k"  # real Multi30k batches (falls back to the config's default)
     max_tokens: int = 0  # token budget of a training batch (0: the preset's)
+    profile: int = 0  # profile this many training steps of ours: where the time goes (0: off)
 
 
 warnings.filterwarnings("ignore", message="enable_nested_tensor")  # nn.Transformer's inference-only fast path
@@ -87,9 +89,11 @@ def peak_flops(device: str) -> tuple[float, str]:
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t), "measured matmul"
 
 
-def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int, pad_id: int) -> dict:
+def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int, pad_id: int,
+                profile: int = 0) -> tuple[dict, str]:
     """Median seconds per training step of each model, timed in alternating rounds so that both see the same
-    machine load (a CPU is noisy). Same batches, precision, optimizer and loss for both."""
+    machine load (a CPU is noisy). Same batches, precision, optimizer and loss for both. With profile > 0, also
+    the profiler's table of the most expensive operations over that many more steps of the first model."""
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
@@ -128,7 +132,26 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
             sync(device)
             times[name].append((time.perf_counter() - t) / per_round)
         k += per_round
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    table = ""
+    if profile:
+        from torch.profiler import ProfilerActivity
+        first = next(iter(setups))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t = time.perf_counter()
+        try:  # a profiler that cannot start (no CUPTI, say) must not cost the measurements above
+            with torch.profiler.profile(activities=activities) as prof:
+                for i in range(profile):
+                    step(first, batches[i % len(batches)])
+                sync(device)
+            wall = (time.perf_counter() - t) / profile
+            # On CUDA: kernels by their own device time; a device total well under the wall time means the host
+            # (Python, kernel launches) is the limit, not the GPU.
+            table = (f"profile: {profile} training step(s) of {first} ({wall * 1e3:.1f} ms/step wall clock, "
+                     f"profiler included):\n" + prof.key_averages().table(
+                         sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+        except Exception as e:
+            table = f"profile: unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return {name: statistics.median(ts) for name, ts in times.items()}, table
 
 
 def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool, device: str) -> tuple[float, int]:
@@ -167,8 +190,8 @@ def main(argv: list[str]) -> None:
     opt, _ = parse_args(argv, Options())
     if opt.preset not in PRESETS:
         raise UserError(f"unknown preset {opt.preset!r}; choose one of: {', '.join(PRESETS)}")
-    if opt.steps <= 0 or opt.sentences <= 0:
-        raise UserError("--steps and --sentences must be positive")
+    if opt.steps <= 0 or opt.sentences <= 0 or opt.profile < 0:
+        raise UserError("--steps and --sentences must be positive, --profile not negative")
     device = pick_device(opt.device)
     cfg = replace(Config(), **PRESETS[opt.preset], device=device)
     cfg = replace(cfg, attn_dropout=cfg.dropout)  # nn.Transformer has one dropout rate for everything
@@ -195,7 +218,8 @@ def main(argv: list[str]) -> None:
     useful = statistics.mean(int(data.train.tgt_len[idx].sum()) for idx in index)
     flops = statistics.mean(ours.estimate_flops(data.train.src_len[idx], data.train.tgt_len[idx]) for idx in index)
     padded = statistics.mean(b[2].numel() for b in batches)
-    sec = train_steps({"ours": ours, "nn.Transformer": theirs}, batches, cfg, device, opt.steps, tok.pad_id)
+    sec, profile = train_steps({"ours": ours, "nn.Transformer": theirs}, batches, cfg, device, opt.steps, tok.pad_id,
+                               opt.profile)
     ratio = sec["ours"] / sec["nn.Transformer"]
     train_tok_s = useful / sec["ours"]
     print(f"training ({'bf16 + torch.compile' if cuda else 'fp32 eager'}, {cfg.max_tokens}-token batches, "
@@ -208,6 +232,8 @@ def main(argv: list[str]) -> None:
         mfu = flops / sec["ours"] / peak
         print(f"  MFU {mfu:.1%} ({flops / sec['ours'] / 1e12:.1f} TFLOP/s of {peak / 1e12:.0f}, peak {how})")
     print(f"  time per step ours / nn.Transformer = {ratio:.3f}")
+    if profile:
+        print(profile)
 
     if opt.ckpt:
         model, tok = load_model(opt.ckpt, device)  # and its own tokenizer: the ids must match its embeddings

@@ -81,9 +81,11 @@ def test_plotted_attention_rows_sum_to_one_and_decoder_is_lower_triangular(train
 
 @pytest.mark.skipif(not os.path.isdir(MULTI30K), reason="Multi30k not available")
 def test_bench_runs_in_minimal_mode(tmp_path):
-    r = run_script("bench.py", "--preset=tiny", "--device=cpu", "--steps=2", "--sentences=8",
+    r = run_script("bench.py", "--preset=tiny", "--device=cpu", "--steps=2", "--sentences=8", "--profile=1",
                    f"--data_dir={MULTI30K}", env={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr.decode()[-2000:]
+    out = r.stdout.decode()
+    assert "profile: 1 training step(s) of ours" in out and "aten::" in out  # the profiler's table of operations
     last = lines(r.stdout)[-1]
     assert re.fullmatch(r"train_tok_s=\d+ mfu=nan ratio_vs_nn_transformer=\d+\.\d+ greedy_s=\d+\.\d+ beam5_s=\d+\.\d+",
                         last), last
