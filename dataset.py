@@ -312,14 +312,19 @@ def _digest(*parts) -> str:
 
 
 def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: runs sharing a cache never write into each other's file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        if isinstance(obj, str):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a cache is an optimization: a full or read-only disk must not stop training
         log(f"data: could not write cache {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         try:
-            os.remove(path + ".tmp")
+            os.remove(tmp)
         except OSError:
             pass
 
@@ -334,20 +339,14 @@ def load_data(cfg: Config, tokenizer: Tokenizer | None = None) -> Data:
         try:
             with open(path, encoding="utf-8") as f:
                 tokenizer = Tokenizer.from_str(f.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             pass
         except Exception:
             log(f"data: ignoring unreadable cache {path}")
         if tokenizer is None:
             log(f"data: training a {cfg.tokenizer} tokenizer ({cfg.vocab_size} tokens) on {len(train_src)} pairs")
             tokenizer = Tokenizer.train(train_src + train_tgt, cfg.tokenizer, cfg.vocab_size, cfg.min_frequency)
-            try:
-                os.makedirs(cfg.cache_dir, exist_ok=True)
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
-                    f.write(tokenizer.to_str())
-                os.replace(path + ".tmp", path)
-            except OSError as e:
-                log(f"data: could not write cache {path}: {e}")
+            _atomic_save(tokenizer.to_str(), path)
     all_texts = [t for split in ("train", "val", "test") for side in texts[split] for t in side]
     key = _digest(tokenizer.to_str(), all_texts)
     path = os.path.join(cfg.cache_dir, f"ids-{key}.pt")

@@ -157,7 +157,11 @@ def main(argv: list[str]) -> None:
     # --- data and tokenizer (a resumed or fine-tuned run keeps the checkpoint's tokenizer)
     source = resume or init
     tok = Tokenizer.from_str(source["tokenizer"]) if source else None
+    if world > 1 and not master:
+        dist.barrier()  # rank 0 trains the tokenizer and fills the cache first; the others then read the same files
     data = load_data(cfg, tok)
+    if world > 1 and master:
+        dist.barrier()
     tok = data.tokenizer
     if master:
         with open(os.path.join(cfg.out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
@@ -206,10 +210,14 @@ def main(argv: list[str]) -> None:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
 
-    def checkpoint(path: str) -> None:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "state": {**state, **{k: int(v) for k, v in bad.items()}},
-                         "rng": rng_state(), "config": asdict(cfg), "tokenizer": tok.to_str()}, path)
+    def checkpoint(path: str, resumable: bool = True) -> None:
+        """ckpt.pt holds everything to resume exactly; best.pt only what translating and fine-tuning need
+        (a third of the size: no optimizer moments)."""
+        ckpt = {"model": model.state_dict(), "state": {**state, **{k: int(v) for k, v in bad.items()}},
+                "config": asdict(cfg), "tokenizer": tok.to_str()}
+        if resumable:
+            ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_state())
+        save_checkpoint(ckpt, path)
 
     def evaluate() -> None:
         """Validate, log, keep best.pt and ckpt.pt (and the weights for averaging) up to date."""
@@ -232,7 +240,7 @@ def main(argv: list[str]) -> None:
                               state["step"])
         # ckpt.pt last: once it says this validation happened, best.pt and the averaging files already hold it.
         if better or not os.path.exists(os.path.join(cfg.out_dir, "best.pt")):
-            checkpoint(os.path.join(cfg.out_dir, "best.pt"))
+            checkpoint(os.path.join(cfg.out_dir, "best.pt"), resumable=False)
         if cfg.avg_last:
             save_checkpoint(model.state_dict(), os.path.join(cfg.out_dir, f"avg-{state['step']:07d}.pt"))
             for old in sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-"))[:-cfg.avg_last]:
@@ -266,8 +274,14 @@ def main(argv: list[str]) -> None:
         if cfg.max_epochs and state["epoch"] >= cfg.max_epochs:
             reason = f"max_epochs={cfg.max_epochs}"
             break
-        batches = data.train.batches(cfg.max_tokens, cfg.seed, state["epoch"], True, rank, world, cfg.pad_multiple)
-        groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        # Every rank derives every rank's batches (same seed and epoch), so each step's token count over all ranks
+        # is known without communication.
+        shards = [data.train.batches(cfg.max_tokens, cfg.seed, state["epoch"], True, r, world, cfg.pad_multiple)
+                  for r in range(world)]
+        starts = range(0, len(shards[rank]), cfg.grad_accum)
+        groups = [shards[rank][i:i + cfg.grad_accum] for i in starts]
+        step_tokens = [sum(int(data.train.tgt_len[idx].sum()) for s in shards for idx in s[i:i + cfg.grad_accum])
+                       for i in starts]
         if master:
             bar = tqdm(total=len(groups), initial=state["batch"], desc=f"epoch {state['epoch'] + 1}",
                        dynamic_ncols=True, file=sys.stderr, leave=False)
@@ -275,20 +289,22 @@ def main(argv: list[str]) -> None:
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 reason = f"max_steps={cfg.max_steps}"
                 break
+            time_up = cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes
+            flags = [bool(stop["signal"]), bool(time_up), state["stale_stop"]]
+            if world > 1 and state["step"] % cfg.log_interval:
+                flags = [False] * 3  # ranks must stop at the same step: they agree at log steps (a host sync)
+            elif world > 1:
+                agreed = torch.tensor(flags, dtype=torch.float32, device=device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                flags = [bool(f) for f in agreed.tolist()]
+            if any(flags):
+                stop["signal"] = stop["signal"] or ("a signal to another rank" if flags[0] else None)
+                reason = stop["signal"] or (f"max_minutes={cfg.max_minutes}" if flags[1] else "early stopping")
+                break
             group = groups[state["batch"]]
             # The loss is summed over tokens and divided by the token count of the whole step, across
             # micro-batches and ranks, so accumulation and DDP compute exactly the gradient of one big batch.
-            time_up = cfg.max_minutes and time.time() - start_time > 60 * cfg.max_minutes
-            counts = torch.tensor([float(sum(int(data.train.tgt_len[idx].sum()) for idx in group)),
-                                   float(bool(stop["signal"] or time_up or state["stale_stop"]))])
-            if world > 1:  # agree on the step's token count and on stopping, so all ranks stop at the same step
-                counts = counts.to(device)
-                dist.all_reduce(counts)
-                counts = counts.cpu()
-            if counts[1] > 0:
-                reason = stop["signal"] or (f"max_minutes={cfg.max_minutes}" if time_up else "early stopping")
-                break
-            n_tokens = float(counts[0])
+            n_tokens = float(step_tokens[state["batch"]])
             for g in optimizer.param_groups:
                 g["lr"] = g["peak_lr"] * lr_factor(state["step"], cfg.warmup_steps)
             step_loss = torch.zeros((), device=device)

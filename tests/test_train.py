@@ -416,7 +416,8 @@ def test_single_nonfinite_step_is_skipped(tmp_path, corpus, cache, monkeypatch, 
 # ---------------------------------------------------------------- 6-7: DDP and DataParallel
 
 def test_ddp_matches_gradient_accumulation(tmp_path, corpus, cache):
-    common = ["--max_steps=1", "--dropout=0", "--attn_dropout=0", "--device=cpu"]
+    """Each rank computes the step's total token count itself; the ranks agree on stopping at log steps."""
+    common = ["--max_steps=3", "--log_interval=2", "--dropout=0", "--attn_dropout=0", "--device=cpu"]
     ddp_out, single_out = str(tmp_path / "ddp"), str(tmp_path / "single")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         os.path.join(ROOT, "train.py"), *train_args(corpus, ddp_out, cache, *common)],
@@ -426,7 +427,7 @@ def test_ddp_matches_gradient_accumulation(tmp_path, corpus, cache):
     assert TEST_LINE.match(r.stdout.strip().splitlines()[-1])
     run_ok(*train_args(corpus, single_out, cache, *common, "--grad_accum=2"))
     ddp, single = load(os.path.join(ddp_out, "ckpt.pt")), load(os.path.join(single_out, "ckpt.pt"))
-    assert ddp["state"]["step"] == single["state"]["step"] == 1
+    assert ddp["state"]["step"] == single["state"]["step"] == 3
     assert not [k for k in ddp["model"] if k.startswith(("module.", "_orig_mod."))]
     assert_same_weights(ddp["model"], single["model"], atol=1e-6)
 
@@ -462,6 +463,20 @@ def test_dataparallel_state_dicts_load_both_ways(tmp_path, trained):
 
 
 # ---------------------------------------------------------------- 8: fine-tuning
+
+def test_best_pt_translates_ckpt_pt_resumes(tmp_path, corpus, cache, trained):
+    """best.pt carries no optimizer state (a third of the size); resuming from it is refused with one line."""
+    best, ckpt = load(os.path.join(trained, "best.pt")), load(os.path.join(trained, "ckpt.pt"))
+    resume_keys = {"optimizer", "scaler", "rng"}
+    assert resume_keys <= ckpt.keys() and not resume_keys & best.keys()
+    assert {"model", "config", "tokenizer", "state"} <= best.keys()
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(best, str(out / "ckpt.pt"))
+    r = run_script("train.py", *train_args(corpus, str(out), cache))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and "no training state" in err and "--init_from" in err
+
 
 def test_finetune_head_changes_only_the_head(tmp_path, corpus, cache, trained):
     init_path = translate.checkpoint_path(trained)  # what --init_from=<run dir> loads
