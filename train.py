@@ -58,19 +58,6 @@ def save_checkpoint(obj: dict, path: str) -> None:
         raise UserError(f"could not write {path} ({reason}); the previous checkpoint is intact") from None
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def resolve_config(argv: list[str]) -> tuple[Config, dict | None, dict | None]:
     """The run's config, plus the checkpoint to resume from or the one to initialize from (fine-tuning).
     A run directory that already holds ckpt.pt is resumed: its config, with the new command-line overrides."""
@@ -78,7 +65,7 @@ def resolve_config(argv: list[str]) -> tuple[Config, dict | None, dict | None]:
     resume_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if os.path.exists(resume_path):
         ckpt = read_checkpoint(resume_path)
-        missing = [k for k in ("optimizer", "scaler", "state", "rng") if k not in ckpt]
+        missing = [k for k in ("optimizer", "scaler", "state") if k not in ckpt]
         if missing:
             raise UserError(f"{resume_path} has no training state ({', '.join(missing)}): it can only start a new run,"
                             f" with --init_from={resume_path} and another --out_dir")
@@ -196,7 +183,6 @@ def main(argv: list[str]) -> None:
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         state.update(resume["state"])
-        set_rng_state(resume["rng"])
 
     train_model = model
     if cfg.compile == "on" or (cfg.compile == "auto" and cuda):
@@ -216,7 +202,7 @@ def main(argv: list[str]) -> None:
         ckpt = {"model": model.state_dict(), "state": {**state, **{k: int(v) for k, v in bad.items()}},
                 "config": asdict(cfg), "tokenizer": tok.to_str()}
         if resumable:
-            ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_state())
+            ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
         save_checkpoint(ckpt, path)
 
     def evaluate() -> None:
@@ -307,6 +293,9 @@ def main(argv: list[str]) -> None:
             n_tokens = float(step_tokens[state["batch"]])
             for g in optimizer.param_groups:
                 g["lr"] = g["peak_lr"] * lr_factor(state["step"], cfg.warmup_steps)
+            # Dropout masks are a function of (seed, rank, step): a resumed run draws exactly the masks the
+            # uninterrupted one would, on every rank, with no RNG state to save; and ranks draw different masks.
+            torch.manual_seed(hash((cfg.seed, rank, state["step"])))
             step_loss = torch.zeros((), device=device)
             for i, idx in enumerate(group):
                 src, tgt_in, labels = data.train.batch(idx, device, cfg.pad_multiple)

@@ -51,9 +51,9 @@ class Run:
 
     running: list = []  # every process started, so that a failing test leaves none behind
 
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=ENV,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], launcher: tuple = ()):
+        self.proc = subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out, self.err = [], []
         self.threads = [threading.Thread(target=self._read, args=(s, b), daemon=True)
                         for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
@@ -129,7 +129,7 @@ def in_process(monkeypatch):
 
 # ---------------------------------------------------------------- 1-3: exact resume and crash safety
 
-RESUME_STEPS = ["--max_steps=40", "--eval_interval=10"]
+RESUME_STEPS = ["--max_steps=40", "--eval_interval=10", "--dropout=0.1"]  # dropout: masks must resume too
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +415,49 @@ def test_single_nonfinite_step_is_skipped(tmp_path, corpus, cache, monkeypatch, 
 
 # ---------------------------------------------------------------- 6-7: DDP and DataParallel
 
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+
+
+def worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of the torchrun worker with this RANK (read from /proc: children and their environment)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_ddp_signal_to_one_rank_then_resume_is_exact(tmp_path, corpus, cache):
+    """SIGTERM to rank 1 alone: both ranks stop at the same log step and rank 0 saves ckpt.pt; resuming ends with
+    the weights of an uninterrupted run, dropout masks included (they depend on seed, rank and step)."""
+    ref_out, out = str(tmp_path / "reference"), str(tmp_path / "run")
+    common = ["--max_steps=60", "--log_interval=2", "--dropout=0.1"]
+    r = subprocess.run([sys.executable, *TORCHRUN, os.path.join(ROOT, "train.py"),
+                        *train_args(corpus, ref_out, cache, *common)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = Run(train_args(corpus, out, cache, *common), launcher=TORCHRUN)
+    ckpt = os.path.join(out, "ckpt.pt")
+    assert run.wait_until(lambda: os.path.exists(ckpt)), run.stderr
+    os.kill(worker_of_rank(run.proc.pid, 1), signal.SIGTERM)
+    assert run.finish() == 0, run.stderr[-3000:]
+    stopped = load(ckpt)["state"]["step"]
+    assert stopped < 60 and stopped % 2 == 0, stopped
+    assert f"stopping at step {stopped}: a signal to another rank" in run.stderr
+    r = subprocess.run([sys.executable, *TORCHRUN, os.path.join(ROOT, "train.py"),
+                        *train_args(corpus, out, cache, *common)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and f"resuming from {out}/ckpt.pt" in r.stderr, r.stderr[-3000:]
+    assert load(ckpt)["state"]["step"] == 60
+    assert_same_weights(weights(out), weights(ref_out))
+
+
 def test_ddp_matches_gradient_accumulation(tmp_path, corpus, cache):
     """Each rank computes the step's total token count itself; the ranks agree on stopping at log steps."""
     common = ["--max_steps=3", "--log_interval=2", "--dropout=0", "--attn_dropout=0", "--device=cpu"]
@@ -467,7 +510,7 @@ def test_dataparallel_state_dicts_load_both_ways(tmp_path, trained):
 def test_best_pt_translates_ckpt_pt_resumes(tmp_path, corpus, cache, trained):
     """best.pt carries no optimizer state (a third of the size); resuming from it is refused with one line."""
     best, ckpt = load(os.path.join(trained, "best.pt")), load(os.path.join(trained, "ckpt.pt"))
-    resume_keys = {"optimizer", "scaler", "rng"}
+    resume_keys = {"optimizer", "scaler"}
     assert resume_keys <= ckpt.keys() and not resume_keys & best.keys()
     assert {"model", "config", "tokenizer", "state"} <= best.keys()
     out = tmp_path / "out"
