@@ -205,8 +205,10 @@ def main(argv: list[str]) -> None:
             ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
         save_checkpoint(ckpt, path)
 
-    def evaluate() -> None:
-        """Validate, log, keep best.pt and ckpt.pt (and the weights for averaging) up to date."""
+    def evaluate() -> float:
+        """Validate, log, keep best.pt and ckpt.pt (and the weights for averaging) up to date. Returns the
+        seconds it took, which the training speed leaves out."""
+        t0 = time.time()
         res = validate(model, data, cfg, device, autocast, n_examples=cfg.n_examples)
         better = res["bleu"] > state["best_bleu"]
         state["stale"] = 0 if better else state["stale"] + 1
@@ -214,7 +216,8 @@ def main(argv: list[str]) -> None:
         state["best_bleu"] = max(state["best_bleu"], res["bleu"])
         state["history"].append([state["step"], res["loss"], res["bleu"], res["chrf"]])
         tqdm.write(f"step {state['step']}: val loss {res['loss']:.3f} BLEU {res['bleu']:.2f} chrF {res['chrf']:.2f}"
-                   f"{' (best)' if better else ''}", file=sys.stderr)
+                   f"{' (best)' if better else ''} [{(time.time() - start_time) / 60:.1f} min, validation "
+                   f"{time.time() - t0:.1f} s]", file=sys.stderr)
         if writer:
             for key in ("loss", "bleu", "chrf"):
                 writer.add_scalar(f"val/{key}", res[key], state["step"])
@@ -232,6 +235,7 @@ def main(argv: list[str]) -> None:
             for old in sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-"))[:-cfg.avg_last]:
                 os.remove(os.path.join(cfg.out_dir, old))
         checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        return time.time() - t0
 
     start_time, bar, tokens_seen, t_log = time.time(), None, 0, time.time()
     loss_sum = torch.zeros((), device=device)
@@ -330,6 +334,9 @@ def main(argv: list[str]) -> None:
                     tok_s = tokens_seen / (time.time() - t_log)
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                    if bar.disable:  # no progress bar (TQDM_DISABLE=1): a log line instead
+                        tqdm.write(f"step {state['step']}: train loss {loss_avg:.3f} lr {lr:.2e} "
+                                   f"{tok_s:.0f} target tok/s", file=sys.stderr)
                     if writer:
                         writer.add_scalar("train/loss", loss_avg, state["step"])
                         writer.add_scalar("train/lr", lr, state["step"])
@@ -338,7 +345,7 @@ def main(argv: list[str]) -> None:
                     tokens_seen, t_log = 0, time.time()
             if cfg.eval_interval and state["step"] % cfg.eval_interval == 0:
                 if master:
-                    evaluate()
+                    t_log += evaluate()
                 last_eval = state["step"]
         if bar is not None:
             bar.close()
@@ -347,7 +354,7 @@ def main(argv: list[str]) -> None:
             state["batch"] = 0
             if not cfg.eval_interval:
                 if master:
-                    evaluate()
+                    t_log += evaluate()
                 last_eval = state["step"]
 
     check_skipped()  # the steps since the last log step

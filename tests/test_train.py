@@ -597,6 +597,9 @@ def test_tiny_preset_learns(tmp_path, corpus, cache):
     losses = [h[1] for h in history]
     assert losses[-1] < losses[0] - 0.5 and losses == sorted(losses, reverse=True), losses
     assert TEST_LINE.match(r.stdout.decode().strip().splitlines()[-1])
+    err = r.stderr.decode()  # with no progress bar (TQDM_DISABLE=1), log steps and validations are lines
+    assert re.search(r"^step 20: train loss \d+\.\d{3} lr \S+ \d+ target tok/s$", err, re.M), err[-2000:]
+    assert re.search(r"^step 30: val loss .* \[\d+\.\d min, validation \d+\.\d s\]$", err, re.M), err[-2000:]
 
 
 def test_max_steps_counts_across_resumes(tmp_path, corpus, cache):
