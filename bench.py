@@ -100,7 +100,7 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
     setups = {}
     for name, model in models.items():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        fn = torch.compile(model) if cuda else model
+        fn = torch.compile(model, dynamic=True) if cuda else model  # as train.py: one compile for all shapes
         setups[name] = (model, opt, fn)
 
     def step(name: str, batch) -> None:
