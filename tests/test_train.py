@@ -418,6 +418,14 @@ def test_single_nonfinite_step_is_skipped(tmp_path, corpus, cache, monkeypatch, 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
 
 
+def torchrun_ok(*args: str) -> subprocess.CompletedProcess:
+    """train.py under torchrun with 2 processes (gloo on the CPU), which must succeed."""
+    r = subprocess.run([sys.executable, *TORCHRUN, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def worker_of_rank(launcher_pid: int, rank: int) -> int:
     """The pid of the torchrun worker with this RANK (read from /proc: children and their environment)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -438,10 +446,7 @@ def test_ddp_signal_to_one_rank_then_resume_is_exact(tmp_path, corpus, cache):
     the weights of an uninterrupted run, dropout masks included (they depend on seed, rank and step)."""
     ref_out, out = str(tmp_path / "reference"), str(tmp_path / "run")
     common = ["--max_steps=60", "--log_interval=2", "--dropout=0.1"]
-    r = subprocess.run([sys.executable, *TORCHRUN, os.path.join(ROOT, "train.py"),
-                        *train_args(corpus, ref_out, cache, *common)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_ok(*train_args(corpus, ref_out, cache, *common))
     run = Run(train_args(corpus, out, cache, *common), launcher=TORCHRUN)
     ckpt = os.path.join(out, "ckpt.pt")
     assert run.wait_until(lambda: os.path.exists(ckpt)), run.stderr
@@ -450,10 +455,8 @@ def test_ddp_signal_to_one_rank_then_resume_is_exact(tmp_path, corpus, cache):
     stopped = load(ckpt)["state"]["step"]
     assert stopped < 60 and stopped % 2 == 0, stopped
     assert f"stopping at step {stopped}: a signal to another rank" in run.stderr
-    r = subprocess.run([sys.executable, *TORCHRUN, os.path.join(ROOT, "train.py"),
-                        *train_args(corpus, out, cache, *common)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and f"resuming from {out}/ckpt.pt" in r.stderr, r.stderr[-3000:]
+    r = torchrun_ok(*train_args(corpus, out, cache, *common))
+    assert f"resuming from {out}/ckpt.pt" in r.stderr, r.stderr[-3000:]
     assert load(ckpt)["state"]["step"] == 60
     assert_same_weights(weights(out), weights(ref_out))
 
@@ -462,10 +465,7 @@ def test_ddp_matches_gradient_accumulation(tmp_path, corpus, cache):
     """Each rank computes the step's total token count itself; the ranks agree on stopping at log steps."""
     common = ["--max_steps=3", "--log_interval=2", "--dropout=0", "--attn_dropout=0", "--device=cpu"]
     ddp_out, single_out = str(tmp_path / "ddp"), str(tmp_path / "single")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        os.path.join(ROOT, "train.py"), *train_args(corpus, ddp_out, cache, *common)],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun_ok(*train_args(corpus, ddp_out, cache, *common))
     assert "2 process(es)" in r.stderr
     assert TEST_LINE.match(r.stdout.strip().splitlines()[-1])
     run_ok(*train_args(corpus, single_out, cache, *common, "--grad_accum=2"))
