@@ -90,10 +90,11 @@ def peak_flops(device: str) -> tuple[float, str]:
 
 
 def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int, pad_id: int,
-                profile: int = 0) -> tuple[dict, str]:
+                profile: int = 0) -> tuple[dict, dict, str]:
     """Median seconds per training step of each model, timed in alternating rounds so that both see the same
-    machine load (a CPU is noisy). Same batches, precision, optimizer and loss for both. With profile > 0, also
-    the profiler's table of the most expensive operations over that many more steps of the first model."""
+    machine load (a CPU is noisy). Same batches, precision, optimizer and loss for both. Also the seconds of each
+    model's warmup steps (compilation included), and with profile > 0 the profiler's table of the most expensive
+    operations over that many more steps of the first model."""
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
@@ -115,10 +116,13 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    warmup = {}
     for name in setups:  # warmup: compilation, allocator, first-touch
+        t = time.perf_counter()
         for batch in batches[:max(3, min(len(batches), 8 if cuda else 2))]:
             step(name, batch)
-    sync(device)
+        sync(device)
+        warmup[name] = time.perf_counter() - t
     times = {name: [] for name in setups}
     rounds = max(1, min(steps, 5))
     per_round = max(1, steps // rounds)
@@ -151,7 +155,7 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
                          sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15))
         except Exception as e:
             table = f"profile: unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    return {name: statistics.median(ts) for name, ts in times.items()}, table
+    return {name: statistics.median(ts) for name, ts in times.items()}, warmup, table
 
 
 def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool, device: str) -> tuple[float, int]:
@@ -218,8 +222,8 @@ def main(argv: list[str]) -> None:
     useful = statistics.mean(int(data.train.tgt_len[idx].sum()) for idx in index)
     flops = statistics.mean(ours.estimate_flops(data.train.src_len[idx], data.train.tgt_len[idx]) for idx in index)
     padded = statistics.mean(b[2].numel() for b in batches)
-    sec, profile = train_steps({"ours": ours, "nn.Transformer": theirs}, batches, cfg, device, opt.steps, tok.pad_id,
-                               opt.profile)
+    sec, warmup, profile = train_steps({"ours": ours, "nn.Transformer": theirs}, batches, cfg, device, opt.steps,
+                                       tok.pad_id, opt.profile)
     ratio = sec["ours"] / sec["nn.Transformer"]
     train_tok_s = useful / sec["ours"]
     print(f"training ({'bf16 + torch.compile' if cuda else 'fp32 eager'}, {cfg.max_tokens}-token batches, "
@@ -232,6 +236,8 @@ def main(argv: list[str]) -> None:
         mfu = flops / sec["ours"] / peak
         print(f"  MFU {mfu:.1%} ({flops / sec['ours'] / 1e12:.1f} TFLOP/s of {peak / 1e12:.0f}, peak {how})")
     print(f"  time per step ours / nn.Transformer = {ratio:.3f}")
+    print(f"  warmup steps{', compilation included' if cuda else ''}: "
+          + ", ".join(f"{key} {s:.1f} s" for key, s in warmup.items()))
     if profile:
         print(profile)
 

@@ -86,6 +86,7 @@ def test_bench_runs_in_minimal_mode(tmp_path):
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     out = r.stdout.decode()
     assert "profile: 1 training step(s) of ours" in out and "aten::" in out  # the profiler's table of operations
+    assert re.search(r"warmup steps: ours \d+\.\d s, nn.Transformer \d+\.\d s", out), out
     last = lines(r.stdout)[-1]
     assert re.fullmatch(r"train_tok_s=\d+ mfu=nan ratio_vs_nn_transformer=\d+\.\d+ greedy_s=\d+\.\d+ beam5_s=\d+\.\d+",
                         last), last
