@@ -241,12 +241,12 @@ def main(argv: list[str]) -> None:
         return time.time() - t0
 
     start_time, bar, tokens_seen, t_log = time.time(), None, 0, time.time()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros(2, device=device)  # (sum of the good steps' losses, their number) since the last log
     # Non-finite steps are counted on the device and read at log steps and at the end: no host sync per step.
     # bad_steps: in a row now; worst_bad: the longest such run and skipped: how many, since the last check.
     bad = {k: torch.full((), float(state[k]), device=device) for k in ("bad_steps", "worst_bad", "skipped")}
 
-    def check_skipped() -> int:
+    def check_skipped() -> None:
         """Report the updates skipped since the last check, and stop after max_bad_steps in a row. Gradients are
         all-reduced, so every rank reads the same counters and all stop together."""
         n, worst = (int(v) for v in torch.stack([bad["skipped"], bad["worst_bad"]]).tolist())
@@ -258,7 +258,6 @@ def main(argv: list[str]) -> None:
                             f"checkpoint in {cfg.out_dir} is kept (try a lower --lr)")
         bad["skipped"].zero_()
         bad["worst_bad"].copy_(bad["bad_steps"])
-        return n
 
     last_eval = state["step"]
     reason = None
@@ -326,14 +325,16 @@ def main(argv: list[str]) -> None:
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch"] += 1
-            loss_sum += torch.where(ok, step_loss / n_tokens, 0.0)
+            loss_sum += torch.stack([torch.where(ok, step_loss / n_tokens, 0.0), ok.float()])
             tokens_seen += n_tokens
             log_now = state["step"] % cfg.log_interval == 0
-            n_skipped = check_skipped() if log_now else 0
+            if log_now:
+                check_skipped()
             if master:
                 bar.update(1)
                 if log_now:
-                    loss_avg = float(loss_sum) / max(1, cfg.log_interval - n_skipped)  # host syncs: log steps only
+                    total, good = loss_sum.tolist()  # host syncs: log steps only
+                    loss_avg = total / max(1.0, good)
                     tok_s = tokens_seen / (time.time() - t_log)
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")

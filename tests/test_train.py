@@ -486,6 +486,7 @@ def test_compiled_training_matches_eager(tmp_path, corpus, cache):
     err = r.stderr.decode()
     assert r.returncode == 0, err[-3000:]
     assert err.count("Recompiling function") <= 1, err[-3000:]
+    assert os.listdir(tmp_path / "inductor"), "nothing was compiled"
     a, b = load(os.path.join(eager, "ckpt.pt")), load(os.path.join(compiled, "ckpt.pt"))
     assert a["model"].keys() == b["model"].keys()
     assert a["state"]["step"] == b["state"]["step"] == 8
