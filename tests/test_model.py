@@ -221,25 +221,31 @@ def reverse_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_learns_to_reverse(pre_norm):
+    """The model learns a task that needs every part: reversing a sequence reads the whole source through the
+    cross-attention and writes it left to right through the causal decoder. The learning rate decays to zero, so
+    training settles instead of oscillating: float results differ from one CPU to another (AVX2, AVX-512 and AMX
+    kernels), and a constant rate reached anywhere from 80% to 100% at a fixed step. With the decay both norms reach
+    100% by step ~450 and keep it; the bar is 95%. A model without the causal mask or the cross-attention stays
+    near 0%."""
     model = make_model(seed=0, pre_norm=pre_norm, d_model=64, d_ff=128).train()
     opt = model.configure_optimizer(2e-3, 0.0, (0.9, 0.98))
-    for step in range(1000):
+    steps, curve = 600, []
+    for step in range(steps):
         src, tgt_in, labels = reverse_task(64, seed=step)
         for g in opt.param_groups:
-            g["lr"] = 2e-3 * min(1.0, (step + 1) / 50)
+            g["lr"] = 2e-3 * min((step + 1) / 50, 1 - step / steps)  # warmup, then linear decay to 0
         loss = nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1), labels.flatten(), ignore_index=PAD)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 50 == 49:
+        if step % 100 == 99:
             model.eval()
             src, _, labels = reverse_task(200, seed=10_000)
             want = [[t for t in row if t not in (PAD, EOS)] for row in labels.tolist()]
-            exact = sum(h == w for h, w in zip(model.greedy(src), want)) / len(want)
+            curve.append(sum(h == w for h, w in zip(model.greedy(src), want)) / len(want))
             model.train()
-            if exact == 1.0:
-                return
-    pytest.fail(f"exact match {exact:.2%} after {step + 1} steps")
+    print("exact match every 100 steps:", curve)
+    assert curve[-1] >= 0.95, f"exact match every 100 steps: {curve}"
 
 
 @pytest.mark.parametrize("pre_norm", [True, False])
