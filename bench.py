@@ -198,7 +198,7 @@ def main(argv: list[str]) -> None:
         raise UserError("--steps and --sentences must be positive, --profile not negative")
     device = pick_device(opt.device)
     cfg = replace(Config(), **PRESETS[opt.preset], device=device)
-    cfg = replace(cfg, attn_dropout=cfg.dropout)  # nn.Transformer has one dropout rate for everything
+    cfg = replace(cfg, attn_dropout=cfg.dropout, act_dropout=cfg.dropout)  # nn.Transformer: one rate for all
     if os.path.isdir(opt.data_dir):
         cfg = replace(cfg, data_dir=opt.data_dir)
     if opt.max_tokens:

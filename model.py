@@ -167,10 +167,11 @@ class Residual(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention, then feed-forward, each inside a residual connection (section 3.1)."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float, pre_norm: bool):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float, act_dropout: float,
+                 pre_norm: bool):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
-        self.feed_forward = FeedForward(d_model, d_ff, dropout)
+        self.feed_forward = FeedForward(d_model, d_ff, act_dropout)
         self.residual_attn = Residual(d_model, dropout, pre_norm)
         self.residual_ff = Residual(d_model, dropout, pre_norm)
 
@@ -183,11 +184,12 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention over the encoder output, then feed-forward (section 3.1)."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float, pre_norm: bool):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float, act_dropout: float,
+                 pre_norm: bool):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, cross=True)
-        self.feed_forward = FeedForward(d_model, d_ff, dropout)
+        self.feed_forward = FeedForward(d_model, d_ff, act_dropout)
         self.residual_self = Residual(d_model, dropout, pre_norm)
         self.residual_cross = Residual(d_model, dropout, pre_norm)
         self.residual_ff = Residual(d_model, dropout, pre_norm)
@@ -230,14 +232,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, verbose: bool = True):
         super().__init__()
         self.cfg, self.pad_id, self.bos_id, self.eos_id = cfg, pad_id, bos_id, eos_id
-        d, layer_args = cfg.d_model, (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.attn_dropout, cfg.pre_norm)
+        d = cfg.d_model
+        sizes = dict(d_model=d, n_heads=cfg.n_heads, d_ff=cfg.d_ff, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+                     act_dropout=cfg.act_dropout, pre_norm=cfg.pre_norm)
         self.src_embed = TokenEmbedding(vocab_size, d)
         # Section 3.4: one matrix for both embeddings and the output projection, when the vocabulary is shared.
         self.tgt_embed = self.src_embed if cfg.tie_embeddings else TokenEmbedding(vocab_size, d)
         self.positional = PositionalEncoding(d, cfg.max_len)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.encoder = nn.ModuleList([EncoderLayer(*layer_args) for _ in range(cfg.n_encoder_layers)])
-        self.decoder = nn.ModuleList([DecoderLayer(*layer_args) for _ in range(cfg.n_decoder_layers)])
+        self.encoder = nn.ModuleList([EncoderLayer(**sizes) for _ in range(cfg.n_encoder_layers)])
+        self.decoder = nn.ModuleList([DecoderLayer(**sizes) for _ in range(cfg.n_decoder_layers)])
         # Pre-norm leaves the residual stream un-normalized, so each stack ends with one LayerNorm.
         self.encoder_norm = LayerNorm(d) if cfg.pre_norm else nn.Identity()
         self.decoder_norm = LayerNorm(d) if cfg.pre_norm else nn.Identity()
@@ -287,9 +291,17 @@ class Transformer(nn.Module):
             x = layer(x, memory, src_mask, cache.layers[i] if cache is not None else None, maps)
         return self.generator(self.decoder_norm(x))
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+    def forward(self, src: Tensor, tgt_in: Tensor, labels: Tensor | None = None,
+                label_smoothing: float = 0.0) -> Tensor:
+        """Logits (B, T, vocab); or, given labels, the cross-entropy summed over the real target tokens (padding
+        ignored), so that train.py can normalize by the token count of a whole step. The loss lives in forward
+        so that DDP, DataParallel and torch.compile wrap all of the step's work."""
         memory, src_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_mask)
+        logits = self.decode(tgt_in, memory, src_mask)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.pad_id,
+                               label_smoothing=label_smoothing, reduction="sum")
 
     def attention_maps(self, src: Tensor, tgt_in: Tensor) -> dict[str, list[Tensor]]:
         """Runs the plain-math attention path and returns the weights: for "encoder", "decoder" (masked

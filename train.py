@@ -23,7 +23,6 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -106,9 +105,7 @@ def validate(model: Transformer, data, cfg: Config, device: str, autocast, split
     with autocast:
         for idx in part.batches(cfg.eval_max_tokens, shuffle=False):
             src, tgt_in, labels = part.batch(idx, device)
-            logits = model(src, tgt_in)
-            total += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=model.pad_id,
-                                     reduction="sum")
+            total += model(src, tgt_in, labels)
             count += int(part.tgt_len[idx].sum())
         hyps = translate_sentences(model, data.tokenizer, part.src_text, cfg.beam_size)
     scores = score(hyps, part.tgt_text)
@@ -307,9 +304,7 @@ def main(argv: list[str]) -> None:
                 src, tgt_in, labels = data.train.batch(idx, device, cfg.pad_multiple)
                 sync = contextlib.nullcontext() if world == 1 or i == len(group) - 1 else train_model.no_sync()
                 with sync, autocast:
-                    logits = train_model(src, tgt_in)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=tok.pad_id,
-                                           label_smoothing=cfg.label_smoothing, reduction="sum")
+                    loss = train_model(src, tgt_in, labels, cfg.label_smoothing).sum()  # DataParallel: one per GPU
                     scaler.scale(loss * world / n_tokens).backward()  # DDP averages over ranks: undo it
                 step_loss += loss.detach()
             scaler.unscale_(optimizer)
