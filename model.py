@@ -70,6 +70,23 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.gain.shape, self.gain, self.bias, self.eps)
 
 
+class Dropout(nn.Module):
+    """Zero each element with probability p and scale the rest by 1 / (1 - p) in training (Srivastava et al.,
+    2014), as nn.Dropout does. On a CPU the mask is drawn with rand_like: torch's bernoulli_ there is about 3x
+    slower and took ~15% of a small model's training step. Other devices keep F.dropout's fused kernel."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+
+
 class FeedForward(nn.Module):
     """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, applied to each position alone (section 3.3)."""
 
@@ -77,7 +94,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(self.dropout(F.relu(self.w_1(x))))
@@ -155,7 +172,7 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
@@ -239,7 +256,7 @@ class Transformer(nn.Module):
         # Section 3.4: one matrix for both embeddings and the output projection, when the vocabulary is shared.
         self.tgt_embed = self.src_embed if cfg.tie_embeddings else TokenEmbedding(vocab_size, d)
         self.positional = PositionalEncoding(d, cfg.max_len)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList([EncoderLayer(**sizes) for _ in range(cfg.n_encoder_layers)])
         self.decoder = nn.ModuleList([DecoderLayer(**sizes) for _ in range(cfg.n_decoder_layers)])
         # Pre-norm leaves the residual stream un-normalized, so each stack ends with one LayerNorm.

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from config import Config
-from model import (FeedForward, KVCache, LayerNorm, MultiHeadAttention, PositionalEncoding, TokenEmbedding,
+from model import (Dropout, FeedForward, KVCache, LayerNorm, MultiHeadAttention, PositionalEncoding, TokenEmbedding,
                    Transformer, attention_math)
 
 PAD, UNK, BOS, EOS, VOCAB = 0, 1, 2, 3, 40
@@ -194,6 +194,15 @@ def test_optimizer_takes_trainable_params_and_decays_matrices_only():
     for g in opt.param_groups:
         assert g["weight_decay"] == (0.1 if all(p.dim() >= 2 for p in g["params"]) else 0.0)
         assert g["lr"] == (5e-3 if g["name"] == "head" else 1e-3)
+
+
+def test_dropout_zeros_p_and_rescales_the_rest():
+    torch.manual_seed(0)
+    drop, x = Dropout(0.3), torch.ones(200_000)
+    y = drop(x)
+    torch.testing.assert_close(y.unique(), torch.tensor([0.0, 1 / 0.7]))
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.01 and abs(y.mean().item() - 1.0) < 0.02
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
 
 
 def test_flops_estimate():
