@@ -345,20 +345,20 @@ def test_real_disk_full_during_save(tmp_path, corpus, cache, monkeypatch, in_pro
 # ---------------------------------------------------------------- 5: non-finite losses
 
 def poison_forward(monkeypatch, bad_steps, snapshot_steps=()):
-    """Training forward passes (one per step here: grad_accum=1) return NaN logits at bad_steps; the weights
+    """Training forward passes (one per step here: grad_accum=1) return a NaN loss at bad_steps; the weights
     seen by the forward of each step in snapshot_steps are recorded (= the weights after the previous step)."""
     real = model_module.Transformer.forward
     seen = {"n": 0, "snapshots": {}}
 
-    def forward(self, src, tgt_in):
+    def forward(self, src, tgt_in, *args):
         if not self.training:
-            return real(self, src, tgt_in)
+            return real(self, src, tgt_in, *args)
         k = seen["n"]
         seen["n"] += 1
         if k in snapshot_steps:
             seen["snapshots"][k] = {n: t.detach().clone() for n, t in self.state_dict().items()}
-        logits = real(self, src, tgt_in)
-        return logits * float("nan") if k in bad_steps else logits
+        loss = real(self, src, tgt_in, *args)
+        return loss * float("nan") if k in bad_steps else loss
 
     monkeypatch.setattr(model_module.Transformer, "forward", forward)
     return seen
