@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import PRESETS, Config, UserError, check, parse_args, run_main
+from checkpoint import load_model
+from config import PRESETS, Config, UserError, check, parse_args, pick_device, run_main
 from dataset import load_data, log, pad_rows
 from model import PositionalEncoding, TokenEmbedding, Transformer
-from translate import load_model, pick_device, translate_sentences
+from translate import translate_sentences
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; other devices get a measured matmul rate.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,

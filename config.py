@@ -16,6 +16,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 
+import torch
+
 
 class UserError(Exception):
     """Something the user can fix (a bad flag, a missing file): the scripts print it as one line and exit 1."""
@@ -159,19 +161,22 @@ MODEL_KEYS = ["d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_f
               "max_len", "tokenizer", "vocab_size", "min_frequency"]
 
 
-def get_config(argv: list[str], base: Config | None = None) -> Config:
-    """The Config for a command line: the preset named by --preset (default "base"), then the overrides.
-    With base (a resumed run's config), the overrides apply to it and --preset is ignored."""
-    preset = "base"
-    rest = []
-    for arg in argv:
-        if arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    if preset not in PRESETS or "--preset" in rest:
+DEFAULT_PRESET = "base"  # what `python train.py` trains
+
+
+def split_preset(argv: list[str]) -> tuple[str, list[str]]:
+    """The preset named by --preset=NAME (else DEFAULT_PRESET), and the other arguments."""
+    presets = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")]
+    return (presets[-1] if presets else DEFAULT_PRESET), [a for a in argv if not a.startswith("--preset=")]
+
+
+def get_config(argv: list[str], base: dict | None = None) -> Config:
+    """The Config for a command line: the preset named by --preset, then the overrides.
+    With base (a resumed run's saved config), the overrides apply to it and --preset is ignored."""
+    preset, rest = split_preset(argv)
+    if base is None and (preset not in PRESETS or "--preset" in rest):
         raise UserError(f"unknown preset {preset!r}; use --preset=NAME with one of: {', '.join(PRESETS)}")
-    cfg, _ = parse_args(rest, base if base is not None else replace(Config(), **PRESETS[preset]))
+    cfg, _ = parse_args(rest, config_from_dict(base) if base is not None else replace(Config(), **PRESETS[preset]))
     check(cfg)
     return cfg
 
@@ -209,6 +214,31 @@ def config_from_dict(d: dict) -> Config:
     return Config(**{k: v for k, v in d.items() if k in names})
 
 
+def pick_device(name: str) -> str:
+    """--device: auto (cuda, then mps, then cpu), or one that must be available here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available here")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but MPS is not available here")
+    return name
+
+
+def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether fp16 needs a gradient scaler): training and translation share it."""
+    kind = device.split(":")[0]
+    want = cfg.dtype
+    if want == "auto":
+        want = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if kind == "cuda" else "float32"
+    if want not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {want!r}")
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
+    return dtype, dtype is torch.float16 and kind == "cuda"
+
+
 def run_main(main) -> None:
     """Run a script's main(): a UserError becomes one line on stderr and exit code 1, never a traceback."""
     try:
@@ -226,5 +256,6 @@ def run_main(main) -> None:
         sys.exit(130)
 
 
-__all__ = ["Config", "PRESETS", "MODEL_KEYS", "UserError", "get_config", "parse_args", "check", "config_from_dict", "asdict",
-           "run_main"]
+
+__all__ = ["Config", "PRESETS", "DEFAULT_PRESET", "MODEL_KEYS", "UserError", "get_config", "split_preset", "parse_args",
+           "check", "config_from_dict", "asdict", "pick_device", "precision", "run_main"]

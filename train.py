@@ -26,35 +26,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import MODEL_KEYS, Config, UserError, config_from_dict, get_config, run_main
+from checkpoint import atomic_save, build_model, checkpoint_path, read_checkpoint
+from config import MODEL_KEYS, Config, UserError, config_from_dict, get_config, pick_device, precision, run_main
 from dataset import Tokenizer, load_data, log
 from model import Transformer
-from translate import (build_model, checkpoint_path, pick_device, precision, read_checkpoint, score,
-                       translate_sentences)
+from translate import score, translate_sentences
 
 
 def lr_factor(step: int, warmup: int) -> float:
     """Section 5.3: linear warmup, then decay with the inverse square root of the step (1.0 at the peak)."""
     step = step + 1
     return min(step / warmup, math.sqrt(warmup / step)) if warmup > 0 else 1.0 / math.sqrt(step)
-
-
-def save_checkpoint(obj: dict, path: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves either the old
-    file or the new one, never half of one. A failed write keeps the previous checkpoint and stops the run."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError caused by an OSError
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        cause = e if isinstance(e, OSError) else e.__context__
-        reason = getattr(cause, "strerror", None) or str(e).splitlines()[0]
-        raise UserError(f"could not write {path} ({reason}); the previous checkpoint is intact") from None
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, dict | None, dict | None]:
@@ -68,8 +50,7 @@ def resolve_config(argv: list[str]) -> tuple[Config, dict | None, dict | None]:
         if missing:
             raise UserError(f"{resume_path} has no training state ({', '.join(missing)}): it can only start a new run,"
                             f" with --init_from={resume_path} and another --out_dir")
-        explicit = [a for a in argv if not a.startswith("--preset=")]
-        cfg = get_config(explicit, base=config_from_dict(ckpt["config"]))
+        cfg = get_config(argv, base=ckpt["config"])
         changed = [k for k in MODEL_KEYS if getattr(cfg, k) != ckpt["config"].get(k)]
         if changed:
             raise UserError(f"{resume_path} was trained with other {', '.join(changed)}; use another --out_dir")
@@ -203,7 +184,7 @@ def main(argv: list[str]) -> None:
                 "config": asdict(cfg), "tokenizer": tok.to_str()}
         if resumable:
             ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
-        save_checkpoint(ckpt, path)
+        atomic_save(ckpt, path)
 
     def evaluate() -> float:
         """Validate, log, keep best.pt and ckpt.pt (and the weights for averaging) up to date. Returns the
@@ -231,8 +212,9 @@ def main(argv: list[str]) -> None:
         if better or not os.path.exists(os.path.join(cfg.out_dir, "best.pt")):
             checkpoint(os.path.join(cfg.out_dir, "best.pt"), resumable=False)
         if cfg.avg_last:
-            save_checkpoint(model.state_dict(), os.path.join(cfg.out_dir, f"avg-{state['step']:07d}.pt"))
-            for old in sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-"))[:-cfg.avg_last]:
+            atomic_save(model.state_dict(), os.path.join(cfg.out_dir, f"avg-{state['step']:07d}.pt"))
+            for old in sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-") and f.endswith(".pt"))[
+                    :-cfg.avg_last]:
                 os.remove(os.path.join(cfg.out_dir, old))
         checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         return time.time() - t0
@@ -375,10 +357,10 @@ def main(argv: list[str]) -> None:
 def finish(model: Transformer, data, cfg: Config, device: str, autocast, state: dict) -> None:
     """Optionally average the last checkpoints; then score the best model on the test split."""
     best_path = os.path.join(cfg.out_dir, "best.pt")
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
-    avg_files = sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-"))
+    best = read_checkpoint(best_path)
+    avg_files = sorted(f for f in os.listdir(cfg.out_dir) if f.startswith("avg-") and f.endswith(".pt"))
     if cfg.avg_last and len(avg_files) > 1:
-        weights = [torch.load(os.path.join(cfg.out_dir, f), map_location="cpu", weights_only=True) for f in avg_files]
+        weights = [read_checkpoint(os.path.join(cfg.out_dir, f), keys=()) for f in avg_files]
         model.load_state_dict({k: sum(w[k].float() for w in weights) / len(weights) for k in weights[0]})
         res = validate(model, data, cfg, device, autocast)
         log(f"average of the last {len(weights)} validations: val BLEU {res['bleu']:.2f} "
@@ -386,7 +368,7 @@ def finish(model: Transformer, data, cfg: Config, device: str, autocast, state: 
         if res["bleu"] > state["best_bleu"]:
             best["model"] = model.state_dict()
             best["state"]["best_bleu"] = res["bleu"]
-            save_checkpoint(best, best_path)
+            atomic_save(best, best_path)
     model.load_state_dict(best["model"])
     res = validate(model, data, cfg, device, autocast, split="test")
     log(f"test (best.pt, val BLEU {best['state']['best_bleu']:.2f}): loss {res['loss']:.3f}")

@@ -9,14 +9,13 @@ Translate with a trained checkpoint: weights, config and tokenizer all come from
 
 Translations go to stdout, one per input line (an empty line for an empty one); messages go to stderr.
 """
-import os
-import pickle
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from config import Config, UserError, config_from_dict, parse_args, run_main
+from checkpoint import load_model
+from config import UserError, parse_args, pick_device, precision, run_main
 from dataset import Tokenizer, encode_sources, log, pad_rows, read_lines, token_batches
 from model import Transformer
 
@@ -28,84 +27,6 @@ class Options:
     file: str = ""  # translate this file line by line ("-": standard input) instead of one sentence
     ref: str = ""  # references for --file: prints sacreBLEU and chrF on stderr
     device: str = "auto"  # cuda, then mps, then cpu
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but CUDA is not available here")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps but MPS is not available here")
-    return name
-
-
-def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether fp16 needs a gradient scaler): training and translation share it."""
-    kind = device.split(":")[0]
-    want = cfg.dtype
-    if want == "auto":
-        want = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if kind == "cuda" else "float32"
-    if want not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {want!r}")
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
-    return dtype, dtype is torch.float16 and kind == "cuda"
-
-
-def checkpoint_path(path: str) -> str:
-    """A file, or a run directory holding best.pt or ckpt.pt."""
-    if os.path.isdir(path):
-        for name in ("best.pt", "ckpt.pt"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-    elif os.path.isfile(path):
-        return path
-    raise UserError(f"no checkpoint at {path}: train one with `python train.py --out_dir={path}` or pass --ckpt=PATH")
-
-
-def read_checkpoint(path: str) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never code. Any other file
-    (truncated, random bytes, a pickle that would run code) is refused with one line."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e) or "Unsupported" in str(e):  # a pickle of code or other objects: never executed
-            raise UserError(f"refusing to load {path}: it holds more than tensors and plain data") from None
-        raise UserError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated?): {type(e).__name__}") from None
-    missing = [k for k in ("model", "config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)})")
-    return ckpt
-
-
-def strip_prefixes(state: dict) -> dict:
-    """Weights saved from nn.DataParallel / DDP ("module.") or torch.compile ("_orig_mod.") load all the same."""
-    for prefix in ("module.", "_orig_mod."):
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    return state
-
-
-def build_model(ckpt: dict, device: str = "cpu", verbose: bool = False) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer described by a checkpoint, with its weights loaded."""
-    try:
-        cfg, tok = config_from_dict(ckpt["config"]), Tokenizer.from_str(ckpt["tokenizer"])
-        model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=verbose)
-        model.load_state_dict(strip_prefixes(ckpt["model"]))
-    except UserError:
-        raise
-    except Exception as e:
-        detail = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-        reason = next((l for l in detail if "size mismatch" in l or "Missing key" in l), detail[0])
-        raise UserError(f"checkpoint does not match its own config or tokenizer: {reason[:200]}") from None
-    return model.to(device).eval(), tok
-
-
-def load_model(path: str, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
-    return build_model(read_checkpoint(checkpoint_path(path)), device)
 
 
 def translate_sentences(model: Transformer, tok: Tokenizer, texts: list[str], beam_size: int,
@@ -128,7 +49,8 @@ def translate_sentences(model: Transformer, tok: Tokenizer, texts: list[str], be
     for batch in token_batches(lengths, lengths, budget):
         src = pad_rows([ids[i] for i in batch.tolist()], tok.pad_id).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            hyps = model.generate(src, beam_size, cfg.length_penalty, cfg.max_len_a, cfg.max_len_b, use_cache)
+            hyps = model.generate(src, beam_size=beam_size, length_penalty=cfg.length_penalty, max_len_a=cfg.max_len_a,
+                                  max_len_b=cfg.max_len_b, use_cache=use_cache)
         for i, text in zip(batch.tolist(), tok.decode(hyps)):
             out[keep[i]] = text
     return out

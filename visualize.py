@@ -19,10 +19,11 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from config import UserError, parse_args, run_main  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from config import UserError, parse_args, pick_device, run_main  # noqa: E402
 from dataset import Tokenizer, encode_sources, log  # noqa: E402
 from model import Transformer  # noqa: E402
-from translate import check_text, load_model, pick_device  # noqa: E402
+from translate import check_text  # noqa: E402
 
 KINDS = {"encoder": "encoder self-attention", "decoder": "decoder masked self-attention",
          "cross": "encoder-decoder cross-attention"}
@@ -44,18 +45,20 @@ def collect(model: Transformer, tok: Tokenizer, sentence: str, beam_size: int = 
     (weights (n_layers, n_heads, T_query, T_key), query labels, key labels). Rows are the decoder positions
     labelled by the token each one predicts; columns are the tokens attended to."""
     model.eval()
-    device = next(model.parameters()).device
-    ids, cut = encode_sources(tok, [sentence], model.cfg.max_len)
+    cfg, device = model.cfg, next(model.parameters()).device
+    ids, cut = encode_sources(tok, [sentence], cfg.max_len)
     if cut:
-        log(f"warning: the sentence is longer than max_len={model.cfg.max_len} tokens and was cut to fit")
+        log(f"warning: the sentence is longer than max_len={cfg.max_len} tokens and was cut to fit")
     src = torch.tensor(ids, device=device)
-    hyp = model.generate(src, beam_size, model.cfg.length_penalty, model.cfg.max_len_a, model.cfg.max_len_b)[0]
+    hyp = model.generate(src, beam_size=beam_size, length_penalty=cfg.length_penalty, max_len_a=cfg.max_len_a,
+                         max_len_b=cfg.max_len_b)[0]
     tgt_in = torch.tensor([[tok.bos_id] + hyp], device=device)
     maps = model.attention_maps(src, tgt_in)
-    name = lambda i: tok.tok.id_to_token(i)  # noqa: E731
+    name = tok.tok.id_to_token
     src_tokens = [name(i) for i in ids[0]]
     in_tokens, out_tokens = [name(i) for i in [tok.bos_id] + hyp], [name(i) for i in hyp + [tok.eos_id]]
-    labels = {"encoder": (src_tokens, src_tokens), "decoder": (out_tokens, in_tokens), "cross": (out_tokens, src_tokens)}
+    labels = {"encoder": (src_tokens, src_tokens), "decoder": (out_tokens, in_tokens),
+              "cross": (out_tokens, src_tokens)}
     return {"translation": tok.decode([hyp])[0],
             **{kind: (torch.stack([w[0] for w in maps[kind]]).float().cpu(), *labels[kind]) for kind in KINDS}}
 

@@ -283,12 +283,12 @@ def bad_ckpts(trained, tmp_path_factory) -> dict:
     raw = open(real, "rb").read()
     out = {"missing": str(d / "nosuch.pt"), "empty-dir": str(d / "empty_dir")}
     os.makedirs(out["empty-dir"])
-    # A run directory whose first save was interrupted: config.json, tokenizer.json and ckpt.pt.tmp, no ckpt.pt.
+    # A run directory whose first save was interrupted: config.json, tokenizer.json and a temporary file, no ckpt.pt.
     out["dir-without-ckpt"] = str(d / "run_dir")
     os.makedirs(out["dir-without-ckpt"])
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(os.path.join(trained, name), os.path.join(out["dir-without-ckpt"], name))
-    shutil.copy(real, os.path.join(out["dir-without-ckpt"], "ckpt.pt.tmp"))
+    shutil.copy(real, os.path.join(out["dir-without-ckpt"], "ckpt.pt.12345.tmp"))
 
     def put(name: str, data: bytes) -> None:
         out[name] = str(d / f"{name}.pt")
@@ -342,7 +342,7 @@ CKPT_CASES = {  # kind -> words the one-line message must contain
 }
 
 
-# visualize.py loads checkpoints through translate.load_model: it gets the kinds the issue lists, translate.py all.
+# visualize.py loads checkpoints through checkpoint.load_model: it gets the kinds the issue lists, translate.py all.
 VISUALIZE_CKPT_KINDS = ["missing", "empty-dir", "empty-file", "truncated", "random-bytes", "malicious-torch",
                         "malicious-pickle", "other-size", "other-vocab", "foreign-dict"]
 

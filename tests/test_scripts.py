@@ -5,8 +5,9 @@ import re
 import pytest
 import torch
 
+from checkpoint import load_model
 from conftest import MULTI30K, run_script
-from translate import load_model, translate_sentences
+from translate import translate_sentences
 from visualize import collect
 
 SENTENCES = ["A big man rides the bike.", "A small red dog eats the ball in the park today.", "A girl sees the ball.",

@@ -13,12 +13,11 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script
-
+import checkpoint
 import config
 import model as model_module
 import train
-import translate
+from conftest import ROOT, TINY, run_script
 
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 TEST_LINE = re.compile(r"^test sacreBLEU=\d+\.\d\d lowercased=\d+\.\d\d chrF=\d+\.\d\d n=\d+ beam=\d+$")
@@ -262,23 +261,28 @@ class Killed(BaseException):
 def test_kill_between_ckpt_and_best_pt(tmp_path, corpus, cache, monkeypatch, in_process):
     out = str(tmp_path / "run")
     args = train_args(corpus, out, cache, "--max_steps=10", "--eval_interval=10")
-    real = train.save_checkpoint
+    real = train.atomic_save
 
-    def save_then_die(obj, path):  # killed between writing best.pt and ckpt.pt
+    def save_then_die(obj, path, required=True):  # killed between writing best.pt and ckpt.pt
         if path.endswith("ckpt.pt") and os.path.exists(os.path.join(out, "best.pt")):
             raise Killed()
-        real(obj, path)
+        return real(obj, path, required)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "atomic_save", save_then_die)
     with pytest.raises(Killed):
         train.main(args)
     assert os.path.exists(os.path.join(out, "best.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt"))
-    monkeypatch.setattr(train, "save_checkpoint", real)
+    monkeypatch.setattr(train, "atomic_save", real)
     train.main(args)  # the same command again: must finish (and write best.pt)
     assert os.path.exists(os.path.join(out, "best.pt"))
 
 
 # ---------------------------------------------------------------- 4: a save that fails midway
+
+def is_ckpt_tmp(path) -> bool:
+    """The temporary file ckpt.pt is written to first (ckpt.pt.<pid>.tmp)."""
+    return re.fullmatch(r"ckpt\.pt\.\d+\.tmp", os.path.basename(str(path))) is not None
+
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, corpus, cache, monkeypatch, in_process):
     out = str(tmp_path / "run")
@@ -287,7 +291,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, corpus, cache, monkeypa
     calls, before = [], {}
 
     def disk_full_on_second_ckpt(obj, f, *a, **kw):
-        if str(getattr(f, "name", f)).endswith("ckpt.pt.tmp"):
+        if is_ckpt_tmp(getattr(f, "name", f)):
             calls.append(f)
             if len(calls) == 2:
                 with open(ckpt, "rb") as g:
@@ -305,7 +309,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, corpus, cache, monkeypa
     with open(ckpt, "rb") as g:
         assert g.read() == before["bytes"]
     assert load(ckpt)["state"]["step"] == 10
-    assert translate.read_checkpoint(ckpt)["state"]["step"] == 10
+    assert checkpoint.read_checkpoint(ckpt)["state"]["step"] == 10
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -329,13 +333,13 @@ def test_real_disk_full_during_save(tmp_path, corpus, cache, monkeypatch, in_pro
     opened = []
 
     def fake_open(path, mode="r", *a, **kw):
-        if str(path).endswith("ckpt.pt.tmp") and "w" in mode:
+        if is_ckpt_tmp(path) and "w" in mode:
             opened.append(path)
             if len(opened) == 2:
                 return FullDisk(path, room=20_000)
         return open(path, mode, *a, **kw)
 
-    monkeypatch.setattr(train, "open", fake_open, raising=False)
+    monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
     with pytest.raises(config.UserError, match="No space left on device"):
         train.main(train_args(corpus, out, cache, "--max_steps=40", "--eval_interval=10"))
     assert load(ckpt)["state"]["step"] == 10
@@ -373,14 +377,14 @@ def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, cap
     out = str(tmp_path / "run")
     ckpt = os.path.join(out, "ckpt.pt")
     seen = poison_forward(monkeypatch, bad_steps=range(12, 10**9), snapshot_steps={12})
-    real_save, saved = train.save_checkpoint, {}
+    real_save, saved = train.atomic_save, {}
 
-    def recording_save(obj, path):
-        real_save(obj, path)
+    def recording_save(obj, path, required=True):
+        real_save(obj, path, required)
         with open(path, "rb") as f:
             saved[path] = f.read()
 
-    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    monkeypatch.setattr(train, "atomic_save", recording_save)
     with pytest.raises(config.UserError) as e:
         train.main(train_args(corpus, out, cache, "--max_steps=40", "--eval_interval=10", "--max_bad_steps=3",
                               f"--log_interval={log_interval}"))
@@ -390,7 +394,7 @@ def test_nonfinite_losses_stop_the_run(tmp_path, corpus, cache, monkeypatch, cap
     assert err.count("update(s) skipped since the last log") == (3 if log_interval == 1 else 1)
     with open(ckpt, "rb") as f:
         assert f.read() == saved[ckpt]  # the last good checkpoint, untouched
-    state = translate.read_checkpoint(ckpt)
+    state = checkpoint.read_checkpoint(ckpt)
     assert state["state"]["step"] == ckpt_step
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     if ckpt_step > 12:
@@ -497,14 +501,14 @@ def test_dataparallel_state_dicts_load_both_ways(tmp_path, trained):
     for name in ("ckpt.pt", "best.pt"):
         keys = load(os.path.join(trained, name))["model"].keys()
         assert not [k for k in keys if k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k]
-    ckpt = translate.read_checkpoint(translate.checkpoint_path(trained))
-    plain, tok = translate.build_model(ckpt)
+    ckpt = checkpoint.read_checkpoint(checkpoint.checkpoint_path(trained))
+    plain, tok = checkpoint.build_model(ckpt)
     wrapped = torch.nn.DataParallel(plain)
     torch.save(wrapped.state_dict(), tmp_path / "dp.pt")
     torch.save(plain.state_dict(), tmp_path / "plain.pt")
     dp_state, plain_state = load(tmp_path / "dp.pt"), load(tmp_path / "plain.pt")
     assert dp_state and all(k.startswith("module.") for k in dp_state)
-    assert translate.strip_prefixes(dp_state).keys() == plain_state.keys()
+    assert checkpoint.strip_prefixes(dp_state).keys() == plain_state.keys()
 
     src = torch.tensor([[5, 6, 7, tok.eos_id]])
     tgt = torch.tensor([[tok.bos_id, 8, 9]])
@@ -512,11 +516,11 @@ def test_dataparallel_state_dicts_load_both_ways(tmp_path, trained):
         expected = plain(src, tgt)
     cfg = config.config_from_dict(ckpt["config"])
     for state in (dp_state, plain_state):
-        m, _ = translate.build_model({**ckpt, "model": state})  # strip_prefixes inside
+        m, _ = checkpoint.build_model({**ckpt, "model": state})  # strip_prefixes inside
         assert_same_weights(m.state_dict(), plain_state)
         other = torch.nn.DataParallel(
             model_module.Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=False))
-        other.module.load_state_dict(translate.strip_prefixes(state))
+        other.module.load_state_dict(checkpoint.strip_prefixes(state))
         assert_same_weights(other.module.state_dict(), plain_state)
         other.eval()
         with torch.no_grad():
@@ -540,7 +544,7 @@ def test_best_pt_translates_ckpt_pt_resumes(tmp_path, corpus, cache, trained):
 
 
 def test_finetune_head_changes_only_the_head(tmp_path, corpus, cache, trained):
-    init_path = translate.checkpoint_path(trained)  # what --init_from=<run dir> loads
+    init_path = checkpoint.checkpoint_path(trained)  # what --init_from=<run dir> loads
     init = load(init_path)
     out = str(tmp_path / "ft")
     r = run_ok(*train_args(corpus, out, cache, f"--init_from={trained}", "--finetune=head", "--max_steps=5"))
@@ -550,7 +554,7 @@ def test_finetune_head_changes_only_the_head(tmp_path, corpus, cache, trained):
     assert final["tokenizer"] == init["tokenizer"]
 
     # which state-dict entries ARE head parameters (the tied embedding shows up under several names)
-    m, _ = translate.build_model(init)
+    m, _ = checkpoint.build_model(init)
     head_ids = {id(p) for p in m.head_parameters()}
     head_keys = {k for k, t in m.state_dict(keep_vars=True).items() if id(t) in head_ids}
     assert {"generator.weight", "generator.bias"} <= head_keys
@@ -579,7 +583,7 @@ def test_finetune_all_has_two_learning_rates(tmp_path, corpus, cache, trained, i
     for g in groups:
         peaks.setdefault(g["name"], set()).add(g["peak_lr"])
     assert peaks == {"body": {2e-3}, "head": {5e-4}}
-    m, _ = translate.build_model(ckpt)
+    m, _ = checkpoint.build_model(ckpt)
     n_head = sum(len(g["params"]) for g in groups if g["name"] == "head")
     assert n_head == len(m.head_parameters())
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
