@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from config import PRESETS, Config, UserError, check, parse_args, pick_device, run_main
+from config import PRESETS, Config, UserError, check, parse_args, pick_device, precision, run_main
 from dataset import load_data, log, pad_rows
 from model import PositionalEncoding, TokenEmbedding, Transformer
+from train import make_optimizer, train_step
 from translate import translate_sentences
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; other devices get a measured matmul rate.
@@ -48,7 +49,10 @@ warnings.filterwarnings("ignore", message="enable_nested_tensor")  # nn.Transfor
 
 
 class TorchTransformer(nn.Module):
-    """torch.nn.Transformer with the same embeddings, positional encoding and tied output as ours."""
+    """torch.nn.Transformer with the same embeddings, positional encoding, tied output and loss as ours, so that
+    train.py's train_step and optimizer run it exactly as they run ours."""
+
+    configure_optimizer = Transformer.configure_optimizer  # AdamW, decay on matrices only
 
     def __init__(self, cfg: Config, vocab_size: int, pad_id: int):
         super().__init__()
@@ -60,13 +64,18 @@ class TorchTransformer(nn.Module):
         self.generator = nn.Linear(cfg.d_model, vocab_size)
         self.generator.weight = self.embed.embedding.weight
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> torch.Tensor:
         causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.size(1), device=src.device)
         src_pad = src == self.pad_id  # nn.Transformer's convention: True = masked out
         out = self.transformer(self.positional(self.embed(src)), self.positional(self.embed(tgt_in)),
                                tgt_mask=causal, src_key_padding_mask=src_pad, memory_key_padding_mask=src_pad,
                                tgt_is_causal=True)
-        return self.generator(out)
+        logits = self.generator(out)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.pad_id,
+                               label_smoothing=label_smoothing, reduction="sum")
 
 
 def sync(device: str) -> None:
@@ -90,32 +99,27 @@ def peak_flops(device: str) -> tuple[float, str]:
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t), "measured matmul"
 
 
-def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int, pad_id: int,
+def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int,
                 profile: int = 0) -> tuple[dict, dict, str]:
     """Median seconds per training step of each model, timed in alternating rounds so that both see the same
-    machine load (a CPU is noisy). Same batches, precision, optimizer and loss for both. Also the seconds of each
-    model's warmup steps (compilation included), and with profile > 0 the profiler's table of the most expensive
-    operations over that many more steps of the first model."""
+    machine load (a CPU is noisy). batches: ((src, tgt_in, labels), target tokens). Both models take train.py's
+    own step (train_step: schedule, dropout seed, loss, clipping, fused AdamW) on the same batches in train.py's
+    precision. Also the seconds of each model's warmup steps (compilation included), and with profile > 0 the
+    profiler's table of the most expensive operations over that many more steps of the first model."""
     cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-    autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    dtype, use_scaler = precision(cfg, device)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None)
     setups = {}
     for name, model in models.items():
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         fn = torch.compile(model, dynamic=True) if cuda else model  # as train.py: one compile for all shapes
-        setups[name] = (model, opt, fn)
+        setups[name] = (fn, model, make_optimizer(model, cfg), torch.amp.GradScaler("cuda", enabled=use_scaler))
+    taken = dict.fromkeys(models, 0)  # each model's steps so far: its learning rate and dropout seed follow them
 
     def step(name: str, batch) -> None:
-        model, opt, fn = setups[name]
-        src, tgt_in, labels = batch
-        with autocast:
-            logits = fn(src, tgt_in)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=pad_id,
-                               label_smoothing=cfg.label_smoothing)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        fn, model, optimizer, scaler = setups[name]
+        tensors, n_tokens = batch
+        train_step(fn, model, optimizer, scaler, [tensors], n_tokens, cfg, autocast, step=taken[name])
+        taken[name] += 1
 
     warmup = {}
     for name in setups:  # warmup: compilation, allocator, first-touch
@@ -159,7 +163,8 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
     return {name: statistics.median(ts) for name, ts in times.items()}, warmup, table
 
 
-def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool, device: str) -> tuple[float, int]:
+def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool,
+                device: str) -> tuple[float, int]:
     """Seconds to translate the texts as translate.py does (token-budget batches, bf16 on CUDA), and about how
     many target tokens that produced (the output re-encoded, plus EOS)."""
     sync(device)
@@ -209,7 +214,8 @@ def main(argv: list[str]) -> None:
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cores = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if cuda else cores
     print(f"device: {name}; preset {opt.preset}; torch {torch.__version__}")
 
     data = load_data(cfg)
@@ -219,15 +225,16 @@ def main(argv: list[str]) -> None:
     print(f"parameters: ours {ours.num_parameters() / 1e6:.2f}M, nn.Transformer "
           f"{sum(p.numel() for p in theirs.parameters()) / 1e6:.2f}M")
     index = data.train.batches(cfg.max_tokens, seed=0, epoch=0)[:max(opt.steps, 10)]
-    batches = [data.train.batch(idx, device) for idx in index]
-    useful = statistics.mean(int(data.train.tgt_len[idx].sum()) for idx in index)
+    batches = [(data.train.batch(idx, device), float(data.train.tgt_len[idx].sum())) for idx in index]
+    useful = statistics.mean(n for _, n in batches)
     flops = statistics.mean(ours.estimate_flops(data.train.src_len[idx], data.train.tgt_len[idx]) for idx in index)
-    padded = statistics.mean(b[2].numel() for b in batches)
+    padded = statistics.mean(tensors[2].numel() for tensors, _ in batches)
     sec, warmup, profile = train_steps({"ours": ours, "nn.Transformer": theirs}, batches, cfg, device, opt.steps,
-                                       tok.pad_id, opt.profile)
+                                       opt.profile)
     ratio = sec["ours"] / sec["nn.Transformer"]
     train_tok_s = useful / sec["ours"]
-    print(f"training ({'bf16 + torch.compile' if cuda else 'fp32 eager'}, {cfg.max_tokens}-token batches, "
+    dtype = str(precision(cfg, device)[0] or torch.float32)[6:]
+    print(f"training ({dtype}{' + torch.compile' if cuda else ', eager'}, {cfg.max_tokens}-token batches, "
           f"{useful:.0f} useful target tokens of {padded:.0f} padded per step):")
     for key, s in sec.items():
         print(f"  {key:15s} {s * 1e3:8.1f} ms/step  {useful / s:10.0f} target tok/s")
