@@ -196,6 +196,31 @@ def decode_curve(model: Transformer, src: torch.Tensor, lengths: list[int], devi
     return rows
 
 
+@torch.inference_mode()
+def decoding(model: Transformer, tok, texts: list[str], device: str) -> dict:
+    """Print the decoding times, greedy and beam 5, with and without the KV cache, and the time per output length.
+    Returns the seconds by (beam, use_cache)."""
+    ids = [s[:model.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(texts)]
+    results = {}
+    print(f"decoding ({model.cfg.eval_max_tokens}-token batches, as translate.py and validation do):")
+    for beam in (1, 5):
+        decode_time(model, tok, texts[:64], beam, True, device)  # warmup
+        for use_cache in (True, False):
+            s, n = decode_time(model, tok, texts, beam, use_cache, device)
+            results[(beam, use_cache)] = s
+            print(f"  {'greedy' if beam == 1 else f'beam {beam}':7s} {'with' if use_cache else 'without'}"
+                  f" KV cache: {s:7.2f} s for {len(texts)} sentences, {len(texts) / s:8.1f} sent/s, "
+                  f"{n / s:9.0f} tok/s")
+    for beam in (1, 5):
+        print(f"  KV cache speed-up, {'greedy' if beam == 1 else 'beam 5'}: "
+              f"{results[(beam, False)] / results[(beam, True)]:.2f}x")
+    src = pad_rows(ids[:32], tok.pad_id).to(device)
+    print("decode time vs output length (32 sentences; seconds with cache / without):")
+    for n, with_cache, without in decode_curve(model, src, [8, 16, 32, 64], device):
+        print(f"  {n:3d} tokens: {with_cache:6.3f} / {without:6.3f}")
+    return results
+
+
 def main(argv: list[str]) -> None:
     opt, _ = parse_args(argv, Options())
     if opt.preset not in PRESETS:
@@ -257,26 +282,7 @@ def main(argv: list[str]) -> None:
         model = ours.eval()
         print("decoding: untrained weights (pass --ckpt for realistic lengths): every sentence runs to its limit")
     model.eval()
-    texts = data.test.src_text[:opt.sentences]
-    ids = [s[:model.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(texts)]
-    results = {}
-    print(f"decoding ({model.cfg.eval_max_tokens}-token batches, as translate.py and validation do):")
-    with torch.inference_mode():
-        for beam in (1, 5):
-            decode_time(model, tok, texts[:64], beam, True, device)  # warmup
-            for use_cache in (True, False):
-                s, n = decode_time(model, tok, texts, beam, use_cache, device)
-                results[(beam, use_cache)] = s
-                print(f"  {'greedy' if beam == 1 else f'beam {beam}':7s} {'with' if use_cache else 'without'}"
-                      f" KV cache: {s:7.2f} s for {len(texts)} sentences, {len(texts) / s:8.1f} sent/s, "
-                      f"{n / s:9.0f} tok/s")
-        for beam in (1, 5):
-            print(f"  KV cache speed-up, {'greedy' if beam == 1 else 'beam 5'}: "
-                  f"{results[(beam, False)] / results[(beam, True)]:.2f}x")
-        src = pad_rows(ids[:32], tok.pad_id).to(device)
-        print("decode time vs output length (32 sentences; seconds with cache / without):")
-        for n, with_cache, without in decode_curve(model, src, [8, 16, 32, 64], device):
-            print(f"  {n:3d} tokens: {with_cache:6.3f} / {without:6.3f}")
+    results = decoding(model, tok, data.test.src_text[:opt.sentences], device)
     if cuda:
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
     else:

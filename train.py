@@ -54,13 +54,15 @@ class TrainState:
 
 class SkippedSteps:
     """Updates skipped for a non-finite loss or gradient, counted on the device so that no step waits for the host;
-    read at log steps and at the end. In ckpt.pt's state as KEYS: in a row now; the most in a row and all, since the
-    last check."""
+    read at log steps and at the end of the run. Saved in ckpt.pt's state under KEYS."""
     KEYS = ("bad_steps", "worst_bad", "skipped")
 
     def __init__(self, saved: dict, device: str):
-        self.in_row, self.worst, self.skipped = (torch.full((), float(saved.get(k, 0)), device=device)
-                                                 for k in self.KEYS)
+        def counter(key: str) -> torch.Tensor:
+            return torch.full((), float(saved.get(key, 0)), device=device)
+        self.in_row = counter("bad_steps")  # non-finite steps in a row, up to now
+        self.worst = counter("worst_bad")  # the most in a row since the last check
+        self.skipped = counter("skipped")  # how many since the last check
 
     def record(self, ok: torch.Tensor) -> None:
         bad = (~ok).float()
