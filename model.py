@@ -342,7 +342,8 @@ class Transformer(nn.Module):
         return logits[:, -1].float().log_softmax(-1)
 
     @torch.no_grad()
-    def greedy(self, src: Tensor, max_len_a: float = 1.5, max_len_b: int = 10, use_cache: bool = True) -> list[list[int]]:
+    def greedy(self, src: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+               use_cache: bool = True) -> list[list[int]]:
         """Batched greedy decoding: each sentence stops at its own EOS (or its own maximum length)."""
         memory, src_mask = self.encode(src)
         max_lens = self._max_lengths(src, max_len_a, max_len_b)

@@ -7,8 +7,17 @@ import torch
 import torch.nn as nn
 
 from config import Config
-from model import (Dropout, FeedForward, KVCache, LayerNorm, MultiHeadAttention, PositionalEncoding, TokenEmbedding,
-                   Transformer, attention_math)
+from model import (
+    Dropout,
+    FeedForward,
+    KVCache,
+    LayerNorm,
+    MultiHeadAttention,
+    PositionalEncoding,
+    TokenEmbedding,
+    Transformer,
+    attention_math,
+)
 
 PAD, UNK, BOS, EOS, VOCAB = 0, 1, 2, 3, 40
 SMALL = Config(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, dropout=0.0, attn_dropout=0.0,
