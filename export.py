@@ -31,14 +31,14 @@ percent of sentences: CTranslate2 replaces a finished hypothesis in the beam whe
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from config import Config, UserError, asdict, config_from_dict, parse_args, run_main
+from checkpoint import load_model
+from config import Config, UserError, config_from_dict, parse_args, run_main
 from dataset import Tokenizer, log
 from model import LayerNorm, MultiHeadAttention, Transformer
-from translate import load_model
 
 TOKENIZER_FILE = "tokenizer.json"  # our tokenizer, beside CTranslate2's model.bin, config.json, shared_vocabulary.json
 CONFIG_FILE = "train_config.json"  # the checkpoint's Config: decoding settings and max_len

@@ -44,7 +44,7 @@ def write_corpus(path: str, n_train: int = 400, n_eval: int = 40, seed: int = 0)
 TINY = ["--d_model=32", "--n_heads=2", "--n_encoder_layers=1", "--n_decoder_layers=1", "--d_ff=64",
         "--vocab_size=120", "--max_tokens=400", "--warmup_steps=20", "--lr=3e-3", "--eval_interval=10",
         "--beam_size=2", "--tensorboard=False", "--device=cpu", "--log_interval=5", "--dropout=0.0",
-        "--attn_dropout=0.0"]
+        "--attn_dropout=0.0", "--avg_last=0"]
 
 
 def run_script(script: str, *args: str, input: bytes | None = None, timeout: float = 300, env: dict | None = None):

@@ -1,16 +1,18 @@
 """export.py: a CTranslate2 export translates exactly like our model (greedy), for both norms and untied embeddings."""
 import os
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import export
-from config import Config, UserError, asdict
+from checkpoint import load_model
+from config import Config, UserError
 from conftest import TINY, make_pair, run_script
 from dataset import Tokenizer, read_lines
 from model import Transformer
-from translate import load_model, translate_sentences
+from translate import translate_sentences
 
 pytest.importorskip("ctranslate2")  # an optional dependency, imported by export.py's functions only: CI installs it
 
