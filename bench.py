@@ -7,12 +7,19 @@ without the KV cache, on real Multi30k batches.
     python bench.py --preset=tiny --ckpt=out-tiny     # decode with trained weights (realistic output lengths)
     python bench.py --steps=2 --sentences=16          # a quick smoke run
     python bench.py --profile=5                       # plus the kernels that take the time, over 5 steps
+    python bench.py --data_pairs=4500000              # the data path at WMT14's size (a synthetic corpus)
 
 The last line sums it up: train_tok_s=... mfu=... ratio_vs_nn_transformer=... greedy_s=... beam5_s=...
 """
+import gzip
+import json
 import os
+import random
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -43,6 +50,8 @@ class Options:
     data_dir: str = "../shared/data/multi30k"  # real Multi30k batches (falls back to the config's default)
     max_tokens: int = 0  # token budget of a training batch (0: the preset's)
     profile: int = 0  # profile this many training steps of ours: where the time goes (0: off)
+    data_pairs: int = 0  # instead, time the data path on a synthetic corpus of this many pairs (WMT14: 4.5M)
+    workdir: str = "/tmp/bench-data"  # --data_pairs: where the corpus and its cache go
 
 
 warnings.filterwarnings("ignore", message="enable_nested_tensor")  # nn.Transformer's inference-only fast path
@@ -221,8 +230,66 @@ def decoding(model: Transformer, tok, texts: list[str], device: str) -> dict:
     return results
 
 
+# --data_pairs: a fresh process loads the data (first from nothing, then from the cache) and plans one epoch.
+DATA_CHILD = """
+import json, sys, time
+from dataclasses import replace
+from config import Config
+from dataset import load_data
+t0 = time.perf_counter()
+data = load_data(replace(Config(), data_dir=sys.argv[1], cache_dir=sys.argv[2], hf_dataset=""))
+t1 = time.perf_counter()
+batches = data.train.batches(25_000, seed=0, epoch=0)
+print(json.dumps({"load_s": t1 - t0, "plan_s": time.perf_counter() - t1, "pairs": len(data.train)}))
+"""
+
+
+def make_corpus(folder: str, pairs: int, multi30k: str, seed: int = 0) -> None:
+    """WMT14's size without WMT14 (the Hub is not always reachable): each training line joins two random Multi30k
+    training sentences (about 26 words, like WMT news); validation and test are Multi30k's own."""
+    def read(name: str) -> list[str]:
+        with gzip.open(os.path.join(multi30k, name + ".gz"), "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    for lang in ("en", "de"):
+        for name in ("val", "test_2016_flickr"):
+            shutil.copy(os.path.join(multi30k, f"{name}.{lang}.gz"), folder)
+    src, tgt = read("train.en"), read("train.de")
+    with open(os.path.join(folder, "train.en"), "w") as f_src, open(os.path.join(folder, "train.de"), "w") as f_tgt:
+        for start in range(0, pairs, 100_000):
+            picks = [(rng.randrange(len(src)), rng.randrange(len(src))) for _ in range(min(100_000, pairs - start))]
+            f_src.write("".join(f"{src[i]} {src[j]}\n" for i, j in picks))
+            f_tgt.write("".join(f"{tgt[i]} {tgt[j]}\n" for i, j in picks))
+
+
+def bench_data(opt: Options) -> None:
+    """Time load_data on a corpus of opt.data_pairs pairs: the first preparation (read, train the tokenizer on a
+    sample, encode, write the cache) and a second start from the cache, each in a fresh process with its peak RSS."""
+    corpus, cache = os.path.join(opt.workdir, f"corpus-{opt.data_pairs}"), os.path.join(opt.workdir, "cache")
+    if not os.path.isdir(corpus):
+        make_corpus(corpus + ".tmp", opt.data_pairs, opt.data_dir)
+        os.replace(corpus + ".tmp", corpus)
+    print(f"corpus: {opt.data_pairs} pairs, {sum(os.path.getsize(e.path) for e in os.scandir(corpus)) / 1e6:.0f} MB")
+    shutil.rmtree(cache, ignore_errors=True)
+    for name in ("first preparation", "second start (cache)"):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", DATA_CHILD, corpus, cache], stdout=subprocess.PIPE,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status:
+            raise UserError(f"the {name} failed (wait status {status})")
+        r = json.loads(out.decode().splitlines()[-1])
+        print(f"{name}: {time.perf_counter() - t0:.1f} s wall (load_data {r['load_s']:.1f} s), peak RSS "
+              f"{usage.ru_maxrss / 2**20:.2f} GiB; one epoch's batch list (25k-token batches) {r['plan_s']:.2f} s")
+
+
 def main(argv: list[str]) -> None:
     opt, _ = parse_args(argv, Options())
+    if opt.data_pairs:
+        return bench_data(opt)
     if opt.preset not in PRESETS:
         raise UserError(f"unknown preset {opt.preset!r}; choose one of: {', '.join(PRESETS)}")
     if opt.steps <= 0 or opt.sentences <= 0 or opt.profile < 0:
