@@ -197,7 +197,7 @@ def decode_curve(model: Transformer, src: torch.Tensor, lengths: list[int], devi
             sync(device)
             t = time.perf_counter()
             for _ in range(n):
-                nxt = model._next_logprobs(tokens, memory, src_mask, cache).argmax(-1, keepdim=True)
+                nxt = model._next_logits(tokens, memory, src_mask, cache).argmax(-1, keepdim=True)
                 tokens = torch.cat([tokens, nxt], 1)
             sync(device)
             result.append(time.perf_counter() - t)

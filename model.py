@@ -235,12 +235,14 @@ class KVCache:
         first = self.layers[0]["self"]
         return first["k"].size(2) if "k" in first else 0
 
-    def reorder(self, rows: Tensor) -> None:
-        """Beam search: row i now continues hypothesis rows[i]. Cross keys/values are left alone, since every
-        row of a sentence holds the same source."""
+    def reorder(self, rows: Tensor, cross: bool = False) -> None:
+        """Row i now continues row rows[i]: for beam search, the hypotheses kept (the source rows stay, since every
+        beam of a sentence holds the same one); with cross=True, also the source's rows, when finished sentences
+        leave the batch."""
         for layer in self.layers:
-            layer["self"]["k"] = layer["self"]["k"].index_select(0, rows)
-            layer["self"]["v"] = layer["self"]["v"].index_select(0, rows)
+            for part in ("self", "cross") if cross else ("self",):
+                layer[part]["k"] = layer[part]["k"].index_select(0, rows)
+                layer[part]["v"] = layer[part]["v"].index_select(0, rows)
 
 
 class Transformer(nn.Module):
@@ -335,58 +337,68 @@ class Transformer(nn.Module):
         src_len = (src != self.pad_id).sum(1)
         return (src_len * max_len_a + max_len_b).long().clamp(max=self.cfg.max_len - 1)
 
-    def _next_logprobs(self, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache: KVCache | None) -> Tensor:
-        """Log-probabilities of the next token. With a cache only the newest token runs through the decoder;
-        without, the whole prefix is recomputed (kept to measure and test the cache)."""
+    def _next_logits(self, tokens: Tensor, memory: Tensor, src_mask: Tensor, cache: KVCache | None) -> Tensor:
+        """Scores of the next token. With a cache only the newest token runs through the decoder; without, the
+        whole prefix is recomputed (kept to measure and test the cache)."""
         logits = self.decode(tokens[:, -1:] if cache is not None else tokens, memory, src_mask, cache)
-        return logits[:, -1].float().log_softmax(-1)
+        return logits[:, -1].float()
 
     @torch.no_grad()
     def greedy(self, src: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
                use_cache: bool = True) -> list[list[int]]:
-        """Batched greedy decoding: each sentence stops at its own EOS (or its own maximum length)."""
+        """Batched greedy decoding: each sentence stops at its own EOS (or its own maximum length) and then leaves
+        the batch, so the others decode faster."""
         memory, src_mask = self.encode(src)
         max_lens = self._max_lengths(src, max_len_a, max_len_b)
+        sentence = torch.arange(src.size(0), device=src.device)  # which sentence each row of the batch is
         tokens = torch.full((src.size(0), 1), self.bos_id, dtype=torch.long, device=src.device)
-        done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
         cache = KVCache(len(self.decoder)) if use_cache else None
+        out = [[] for _ in range(src.size(0))]
         for t in range(int(max_lens.max())):
-            nxt = self._next_logprobs(tokens, memory, src_mask, cache).argmax(-1)
+            nxt = self._next_logits(tokens, memory, src_mask, cache).argmax(-1)  # argmax: no need to normalize
             nxt = torch.where(t + 1 >= max_lens, self.eos_id, nxt)  # out of room: end the sentence
-            nxt = torch.where(done, self.pad_id, nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done |= nxt == self.eos_id
-            if done.all():
-                break
-        return [self._strip(row) for row in tokens[:, 1:].tolist()]
+            done = nxt == self.eos_id
+            if done.any():
+                for i, row in zip(sentence[done].tolist(), tokens[done, 1:-1].tolist()):
+                    out[i] = row
+                keep = (~done).nonzero().squeeze(1)
+                if len(keep) == 0:
+                    break
+                sentence, tokens, memory, src_mask, max_lens = (x.index_select(0, keep) for x in (
+                    sentence, tokens, memory, src_mask, max_lens))
+                if cache is not None:
+                    cache.reorder(keep, cross=True)
+        return out
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, beam_size: int = 5, length_penalty: float = 1.0, max_len_a: float = 1.5,
                     max_len_b: int = 10, use_cache: bool = True) -> list[list[int]]:
         """Batched beam search. A hypothesis that emits EOS is frozen: it may only continue with padding at no
-        cost, and keeps its place in the beam. When every beam of every sentence is frozen (or out of room),
-        each sentence returns its hypothesis with the best score / length ** length_penalty."""
+        cost, and keeps its place in the beam. When every beam of a sentence is frozen (or out of room), the
+        sentence returns its hypothesis with the best score / length ** length_penalty and leaves the batch."""
         B, K = src.size(0), beam_size
         memory, src_mask = self.encode(src)
         memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)  # (B*K, S, d_model)
         max_lens = self._max_lengths(src, max_len_a, max_len_b).repeat_interleave(K)
+        sentence = torch.arange(B, device=src.device)  # which sentence each group of K rows is
         tokens = torch.full((B * K, 1), self.bos_id, dtype=torch.long, device=src.device)
         scores = torch.zeros(B, K, device=src.device)
         scores[:, 1:] = float("-inf")  # all beams start identical: let only the first one expand
         done = torch.zeros(B * K, dtype=torch.bool, device=src.device)
         lengths = torch.zeros(B * K, device=src.device)
         cache = KVCache(len(self.decoder)) if use_cache else None
-        offsets = (torch.arange(B, device=src.device) * K)[:, None]
+        out = [[] for _ in range(B)]
         for t in range(int(max_lens.max())):
-            logp = self._next_logprobs(tokens, memory, src_mask, cache)  # (B*K, vocab)
+            logp = self._next_logits(tokens, memory, src_mask, cache).log_softmax(-1)  # (B*K, vocab)
             V = logp.size(-1)
             eos_logp = logp[:, self.eos_id].clone()
             logp[(t + 1 >= max_lens) | done] = float("-inf")  # out of room: only EOS is left
             logp[:, self.eos_id] = eos_logp
             logp[done, self.eos_id] = float("-inf")
             logp[done, self.pad_id] = 0.0  # frozen hypotheses keep their score
-            top_scores, top = (scores.view(-1, 1) + logp).view(B, K * V).topk(K, dim=1)
-            rows = (offsets + top // V).view(-1)  # which hypothesis each new beam extends
+            top_scores, top = (scores.view(-1, 1) + logp).view(len(sentence), K * V).topk(K, dim=1)
+            rows = (torch.arange(len(sentence), device=src.device)[:, None] * K + top // V).view(-1)
             nxt = (top % V).view(-1)
             tokens = torch.cat([tokens.index_select(0, rows), nxt[:, None]], dim=1)
             lengths = lengths.index_select(0, rows) + (~done.index_select(0, rows)).float()
@@ -394,10 +406,22 @@ class Transformer(nn.Module):
             scores = top_scores
             if cache is not None:
                 cache.reorder(rows)
-            if done.all():
-                break
-        best = (scores / lengths.view(B, K).clamp(min=1) ** length_penalty).argmax(1)
-        return [self._strip(row) for row in tokens.view(B, K, -1)[torch.arange(B), best, 1:].tolist()]
+            finished = done.view(-1, K).all(1)
+            if finished.any():
+                best = (scores / lengths.view(-1, K).clamp(min=1) ** length_penalty).argmax(1)
+                for i, row in zip(sentence[finished].tolist(),
+                                  tokens.view(-1, K, tokens.size(1))[finished, best[finished], 1:].tolist()):
+                    out[i] = self._strip(row)
+                keep = (~finished).nonzero().squeeze(1)
+                if len(keep) == 0:
+                    break
+                rows = (keep[:, None] * K + torch.arange(K, device=src.device)).view(-1)  # their K rows each
+                sentence, scores = sentence.index_select(0, keep), scores.index_select(0, keep)
+                tokens, memory, src_mask, max_lens, done, lengths = (x.index_select(0, rows) for x in (
+                    tokens, memory, src_mask, max_lens, done, lengths))
+                if cache is not None:
+                    cache.reorder(rows, cross=True)
+        return out
 
     def generate(self, src: Tensor, beam_size: int = 1, length_penalty: float = 1.0, max_len_a: float = 1.5,
                  max_len_b: int = 10, use_cache: bool = True) -> list[list[int]]:

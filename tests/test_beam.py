@@ -40,7 +40,7 @@ def stub_model(calls: list) -> Transformer:
                 logp[i, token] = math.log(p)
         return logp
 
-    model._next_logprobs = next_logprobs
+    model._next_logits = next_logprobs  # beam search normalizes them again: no change
     return model
 
 
