@@ -33,7 +33,7 @@ from config import PRESETS, Config, UserError, check, parse_args, pick_device, p
 from dataset import load_data, log, pad_rows
 from model import PositionalEncoding, TokenEmbedding, Transformer
 from train import make_optimizer, train_step
-from translate import translate_sentences
+from translate import score, translate_sentences
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; other devices get a measured matmul rate.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -92,12 +92,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_flops(device: str) -> tuple[float, str]:
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16.items():
-        if key in name:
-            return flops, "datasheet"
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's matmul peak in the training precision: a GPU's datasheet bf16 figure, else a measured square
+    matmul (8192 on a GPU, 2048 on a CPU, where larger ones add nothing)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_BF16.items():
+            if key in name and dtype is torch.bfloat16:
+                return flops, "datasheet"
+    n = 8192 if device.startswith("cuda") else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ a
     sync(device)
@@ -105,7 +109,7 @@ def peak_flops(device: str) -> tuple[float, str]:
     for _ in range(10):
         a @ a
     sync(device)
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t), "measured matmul"
+    return 10 * 2 * n ** 3 / (time.perf_counter() - t), f"measured {n}x{n} matmul"
 
 
 def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int,
@@ -173,14 +177,14 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
 
 
 def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool,
-                device: str) -> tuple[float, int]:
-    """Seconds to translate the texts as translate.py does (token-budget batches, bf16 on CUDA), and about how
-    many target tokens that produced (the output re-encoded, plus EOS)."""
+                device: str) -> tuple[float, int, list[str]]:
+    """Seconds to translate the texts as translate.py does (token-budget batches, bf16 on CUDA), about how many
+    target tokens that produced (the output re-encoded, plus EOS), and the translations."""
     sync(device)
     t = time.perf_counter()
     hyps = translate_sentences(model, tok, texts, beam, use_cache=use_cache)
     sync(device)
-    return time.perf_counter() - t, sum(len(h) + 1 for h in tok.encode(hyps))
+    return time.perf_counter() - t, sum(len(h) + 1 for h in tok.encode(hyps)), hyps
 
 
 @torch.no_grad()
@@ -206,28 +210,63 @@ def decode_curve(model: Transformer, src: torch.Tensor, lengths: list[int], devi
 
 
 @torch.inference_mode()
-def decoding(model: Transformer, tok, texts: list[str], device: str) -> dict:
-    """Print the decoding times, greedy and beam 5, with and without the KV cache, and the time per output length.
-    Returns the seconds by (beam, use_cache)."""
+def decoding(model: Transformer, tok, texts: list[str], refs: list[str], device: str) -> dict:
+    """Print the decoding times, greedy and beam 5, with and without the KV cache (with BLEU), the time per output
+    length, and one sentence's latency. Returns (seconds, translations) by beam size, with the cache."""
     ids = [s[:model.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(texts)]
-    results = {}
+    results, uncached = {}, {}
     print(f"decoding ({model.cfg.eval_max_tokens}-token batches, as translate.py and validation do):")
     for beam in (1, 5):
         decode_time(model, tok, texts[:64], beam, True, device)  # warmup
         for use_cache in (True, False):
-            s, n = decode_time(model, tok, texts, beam, use_cache, device)
-            results[(beam, use_cache)] = s
+            s, n, hyps = decode_time(model, tok, texts, beam, use_cache, device)
+            (results if use_cache else uncached)[beam] = s, hyps
             print(f"  {'greedy' if beam == 1 else f'beam {beam}':7s} {'with' if use_cache else 'without'}"
                   f" KV cache: {s:7.2f} s for {len(texts)} sentences, {len(texts) / s:8.1f} sent/s, "
-                  f"{n / s:9.0f} tok/s")
+                  f"{n / s:9.0f} tok/s, BLEU {score(hyps, refs)['bleu']:.2f}")
     for beam in (1, 5):
         print(f"  KV cache speed-up, {'greedy' if beam == 1 else 'beam 5'}: "
-              f"{results[(beam, False)] / results[(beam, True)]:.2f}x")
+              f"{uncached[beam][0] / results[beam][0]:.2f}x")
     src = pad_rows(ids[:32], tok.pad_id).to(device)
     print("decode time vs output length (32 sentences; seconds with cache / without):")
     for n, with_cache, without in decode_curve(model, src, [8, 16, 32, 64], device):
         print(f"  {n:3d} tokens: {with_cache:6.3f} / {without:6.3f}")
+    for beam in (1, 5):  # latency: one sentence, from its source ids to its last output token
+        times = []
+        for _ in range(5):
+            sync(device)
+            t = time.perf_counter()
+            model.generate(src[:1], beam_size=beam)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        print(f"  one sentence, {'greedy' if beam == 1 else 'beam 5'}: {statistics.median(times) * 1e3:.1f} ms")
     return results
+
+
+def ctranslate2_rows(ckpt: str, texts: list[str], refs: list[str], ours: dict) -> None:
+    """The same checkpoint exported to CTranslate2 (float32 and int8), decoding the same texts on the same threads:
+    seconds, BLEU, and how many translations equal ours."""
+    try:
+        import ctranslate2  # noqa: F401 (optional: only this comparison needs it)
+    except ImportError:
+        print("CTranslate2: not installed (pip install ctranslate2), comparison skipped")
+        return
+    import tempfile
+
+    import export
+    with tempfile.TemporaryDirectory() as tmp:
+        for quantization in ("float32", "int8"):
+            path = export.export(ckpt, os.path.join(tmp, quantization), quantization.replace("float32", ""))
+            translator, tok, cfg = export.load_exported(path, threads=torch.get_num_threads())
+            for beam in (1, 5):
+                export.translate_exported(translator, tok, cfg, texts[:64], beam)  # warmup
+                t = time.perf_counter()
+                hyps = export.translate_exported(translator, tok, cfg, texts, beam)
+                s = time.perf_counter() - t
+                same = sum(a == b for a, b in zip(hyps, ours[beam][1])) / len(hyps)
+                print(f"  CTranslate2 {quantization:7s} {'greedy' if beam == 1 else 'beam 5':6s}: {s:7.2f} s, ours "
+                      f"{ours[beam][0] / s:.2f}x its time, BLEU {score(hyps, refs)['bleu']:.2f}, {same:.1%} "
+                      f"translations identical to ours")
 
 
 # --data_pairs: a fresh process loads the data (first from nothing, then from the cache) and plans one epoch.
@@ -330,11 +369,9 @@ def main(argv: list[str]) -> None:
           f"{useful:.0f} useful target tokens of {padded:.0f} padded per step):")
     for key, s in sec.items():
         print(f"  {key:15s} {s * 1e3:8.1f} ms/step  {useful / s:10.0f} target tok/s")
-    mfu = float("nan")
-    if cuda:
-        peak, how = peak_flops(device)
-        mfu = flops / sec["ours"] / peak
-        print(f"  MFU {mfu:.1%} ({flops / sec['ours'] / 1e12:.1f} TFLOP/s of {peak / 1e12:.0f}, peak {how})")
+    peak, how = peak_flops(device, precision(cfg, device)[0] or torch.float32)
+    mfu = flops / sec["ours"] / peak  # on a CPU too: how far the step is from the chip's matmul rate
+    print(f"  MFU {mfu:.1%} ({flops / sec['ours'] / 1e9:.1f} GFLOP/s of {peak / 1e9:.0f}, peak {how})")
     print(f"  time per step ours / nn.Transformer = {ratio:.3f}")
     print(f"  warmup steps{', compilation included' if cuda else ''}: "
           + ", ".join(f"{key} {s:.1f} s" for key, s in warmup.items()))
@@ -349,14 +386,17 @@ def main(argv: list[str]) -> None:
         model = ours.eval()
         print("decoding: untrained weights (pass --ckpt for realistic lengths): every sentence runs to its limit")
     model.eval()
-    results = decoding(model, tok, data.test.src_text[:opt.sentences], device)
+    texts, refs = data.test.src_text[:opt.sentences], data.test.tgt_text[:opt.sentences]
+    results = decoding(model, tok, texts, refs, device)
+    if opt.ckpt and not cuda:
+        ctranslate2_rows(opt.ckpt, texts, refs, results)
     if cuda:
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
     else:
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
     print(f"peak memory: {memory}")
     print(f"train_tok_s={train_tok_s:.0f} mfu={mfu:.3f} ratio_vs_nn_transformer={ratio:.3f} "
-          f"greedy_s={results[(1, True)]:.2f} beam5_s={results[(5, True)]:.2f}")
+          f"greedy_s={results[1][0]:.2f} beam5_s={results[5][0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """translate.py, visualize.py and bench.py as a user runs them, on a checkpoint the tests train themselves."""
+import importlib.util
 import os
 import re
 
@@ -81,13 +82,27 @@ def test_plotted_attention_rows_sum_to_one_and_decoder_is_lower_triangular(train
 
 
 @pytest.mark.skipif(not os.path.isdir(MULTI30K), reason="Multi30k not available")
-def test_bench_runs_in_minimal_mode(tmp_path):
+def test_bench_runs_in_minimal_mode(trained):
     r = run_script("bench.py", "--preset=tiny", "--device=cpu", "--steps=2", "--sentences=8", "--profile=1",
-                   f"--data_dir={MULTI30K}", env={"OMP_NUM_THREADS": "2"})
+                   f"--data_dir={MULTI30K}", f"--ckpt={trained}", env={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     out = r.stdout.decode()
     assert "profile: 1 training step(s) of ours" in out and "aten::" in out  # the profiler's table of operations
     assert re.search(r"warmup steps: ours \d+\.\d s, nn.Transformer \d+\.\d s", out), out
+    assert re.search(r"MFU \d+\.\d% \(.* GFLOP/s of \d+, peak measured 2048x2048 matmul\)", out), out
+    assert re.search(r"one sentence, beam 5: \d+\.\d ms", out), out
+    if importlib.util.find_spec("ctranslate2"):  # CI installs it
+        assert re.search(r"CTranslate2 int8 +beam 5 *: +\d+\.\d+ s, ours \d+\.\d+x its time, BLEU", out), out
     last = lines(r.stdout)[-1]
-    assert re.fullmatch(r"train_tok_s=\d+ mfu=nan ratio_vs_nn_transformer=\d+\.\d+ greedy_s=\d+\.\d+ beam5_s=\d+\.\d+",
-                        last), last
+    assert re.fullmatch(r"train_tok_s=\d+ mfu=\d\.\d+ ratio_vs_nn_transformer=\d+\.\d+ greedy_s=\d+\.\d+ "
+                        r"beam5_s=\d+\.\d+", last), last
+
+
+def test_bench_times_the_data_path(tmp_path):
+    r = run_script("bench.py", "--data_pairs=3000", f"--workdir={tmp_path}", f"--data_dir={MULTI30K}")
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    out = r.stdout.decode()
+    assert "corpus: 3000 pairs" in out
+    for name in ("first preparation", r"second start \(cache\)"):
+        assert re.search(name + r": \d+\.\d s wall \(load_data \d+\.\d s\), peak RSS \d\.\d\d GiB; one epoch's "
+                         r"batch list \(25k-token batches\) \d+\.\d\d s", out), out
