@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dataset
-from config import Config, UserError
+from config import Config, UserError, get_config
 from conftest import MULTI30K, make_pair, write_corpus
 from dataset import Tokenizer, line_chunks, load_data, open_corpus, read_hub, read_texts, token_batches
 
@@ -325,6 +325,34 @@ def test_hub_dataset_loads_end_to_end_and_from_the_cache(tmp_path, monkeypatch, 
     assert "tokenized the corpus" not in capsys.readouterr().err
     assert data.val.src_text == cached.val.src_text
     assert all(torch.equal(x, y) for x, y in zip(data.train.batches(200), cached.train.batches(200)))
+
+
+def test_wmt14_preset_reads_the_hub_layout(tmp_path, monkeypatch):
+    """--preset=wmt14_en_de asks the Hub for wmt/wmt14, config de-en: splits train/validation/test, one
+    `translation` dict column {de, en}. The same layout from local files stands in for it (the Hub is not reachable
+    here); the preset's own data settings are kept, only the sizes are made small."""
+    import datasets
+    files = {}
+    for split, n in (("train", 300), ("validation", 30), ("test", 20)):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        with open(files[split], "w", encoding="utf-8") as f:
+            for en, de in hub_rows(n, seed=n):
+                f.write(json.dumps({"translation": {"de": de, "en": en}}) + "\n")
+    asked = []
+    real = datasets.load_dataset
+
+    def hub(name, config=None, **kw):
+        asked.append((name, config))
+        return real("json", data_files=files)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    monkeypatch.chdir(tmp_path)  # the preset's data_dir, data/wmt14, is relative: it must not exist here
+    cfg = get_config(["--preset=wmt14_en_de", "--vocab_size=200", f"--cache_dir={tmp_path / 'cache'}"])
+    data = load_data(cfg)
+    assert asked == [("wmt/wmt14", "de-en")]
+    assert (cfg.src_lang, cfg.tgt_lang, len(data.train), len(data.val), len(data.test)) == ("en", "de", 300, 30, 20)
+    assert data.val.src_text == [en for en, _ in hub_rows(30, seed=30)]
+    assert data.test.tgt_text == [de for _, de in hub_rows(20, seed=20)]
 
 
 def test_unreachable_hub_is_one_clear_line(tmp_path, monkeypatch):
