@@ -1,9 +1,9 @@
 """
-Speed: training tokens/s and MFU against torch.nn.Transformer of the same size, and decoding speed with and
-without the KV cache, on real Multi30k batches.
+Speed: training tokens/s and MFU against torch.nn.Transformer of the same size, decoding speed with and without
+the KV cache (and against CTranslate2 on the same checkpoint, when it is installed), on real Multi30k batches.
 
     python bench.py                                   # base preset, best device (bf16 + torch.compile on CUDA)
-    python bench.py --preset=tiny --device=cpu        # this is what the CPU figures in the README come from
+    python bench.py --preset=multi30k_en_de --device=cpu --ckpt=out-ende   # the README's CPU figures
     python bench.py --preset=tiny --ckpt=out-tiny     # decode with trained weights (realistic output lengths)
     python bench.py --steps=2 --sentences=16          # a quick smoke run
     python bench.py --profile=5                       # plus the kernels that take the time, over 5 steps
