@@ -58,6 +58,7 @@ class Config:
     lr: float = 7e-4  # peak learning rate, reached at the end of warmup
     head_lr: float = 0.0  # --finetune=all: learning rate of the head (0: same as lr)
     warmup_steps: int = 4000  # linear warmup, then lr * sqrt(warmup / step) (the paper's schedule, section 5.3)
+    cooldown: float = 0.0  # the last fraction of the budget (below) takes the lr linearly to 0: the run ends converged
     weight_decay: float = 0.01  # AdamW decay on matrices only
     beta1: float = 0.9
     beta2: float = 0.98  # the paper's value: adapts faster than 0.999 to the changing gradient scale
@@ -202,6 +203,8 @@ def check(cfg: Config) -> None:
         raise UserError("--lr must be positive and --head_lr non-negative")
     if not all(0 <= getattr(cfg, k) < 1 for k in ("dropout", "attn_dropout", "act_dropout", "label_smoothing")):
         raise UserError("dropout rates and label_smoothing must be in [0, 1)")
+    if not 0 <= cfg.cooldown <= 1:
+        raise UserError(f"--cooldown must be in [0, 1], got {cfg.cooldown}")
     for name in ("max_steps", "max_epochs", "max_minutes", "warmup_steps", "eval_interval", "patience", "avg_last"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative")

@@ -211,39 +211,51 @@ def plan_epoch(split, cfg: Config, epoch: int, rank: int, world: int) -> list[tu
             for i in starts]
 
 
-def stop_reason(cfg: Config, state: TrainState, stop: StopSignal, started: float, world: int, device: str) -> str:
-    """Why the run stops before this step ("" to go on). Ranks must stop at the same step: under DDP they compare
-    their reasons at log steps only (a host sync), and a signal to any rank stops them all."""
+def stop_reason(cfg: Config, state: TrainState, stop: StopSignal, started: float, world: int,
+                device: str) -> tuple[str, float | None]:
+    """Why the run stops before this step ("" to go on), and the fraction of --max_minutes spent. Ranks must stop at
+    the same step and use the same learning rate: under DDP they compare reasons and clocks at log steps only (a
+    host sync; between them the fraction is None: keep the last), and a signal to any rank stops them all."""
     if cfg.max_steps and state.step >= cfg.max_steps:
-        return f"max_steps={cfg.max_steps}"
+        return f"max_steps={cfg.max_steps}", None
     signalled = bool(stop.name)
-    time_up = bool(cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes)
+    minutes = (time.time() - started) / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
     no_progress = bool(cfg.patience and state.stale >= cfg.patience)  # (rank 0 validates, so only it knows)
     if world > 1:
         if state.step % cfg.log_interval:
-            return ""
-        agreed = torch.tensor([signalled, time_up, no_progress], dtype=torch.float32, device=device)
+            return "", None
+        agreed = torch.tensor([signalled, minutes, no_progress], dtype=torch.float64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        signalled, time_up, no_progress = (bool(f) for f in agreed.tolist())
+        signalled, minutes, no_progress = bool(agreed[0]), float(agreed[1]), bool(agreed[2])
         stop.name = stop.name or ("a signal to another rank" if signalled else "")  # rank 0 then saves ckpt.pt
     if signalled:
-        return stop.name
-    return f"max_minutes={cfg.max_minutes}" if time_up else "early stopping" if no_progress else ""
+        return stop.name, minutes
+    return (f"max_minutes={cfg.max_minutes}" if minutes > 1 else "early stopping" if no_progress else ""), minutes
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    """Section 5.3: linear warmup, then decay with the inverse square root of the step (1.0 at the peak)."""
+def budget_used(cfg: Config, state: TrainState, epoch_steps: int, minutes: float) -> float:
+    """How much of the run's budget is spent, 0 to 1: of max_steps, max_minutes or max_epochs, whichever is furthest
+    (it ends the run first). --cooldown uses it."""
+    return max(state.step / cfg.max_steps if cfg.max_steps else 0.0, minutes,
+               (state.epoch + state.batch / max(epoch_steps, 1)) / cfg.max_epochs if cfg.max_epochs else 0.0)
+
+
+def lr_factor(step: int, warmup: int, cooldown: float = 0.0, used: float = 0.0) -> float:
+    """Section 5.3: linear warmup, then decay with the inverse square root of the step (1.0 at the peak). With a
+    cooldown, the last `cooldown` of the budget (`used`: the fraction spent) brings it linearly down to 0."""
     step = step + 1
-    return min(step / warmup, math.sqrt(warmup / step)) if warmup > 0 else 1.0 / math.sqrt(step)
+    factor = min(step / warmup, math.sqrt(warmup / step)) if warmup > 0 else 1.0 / math.sqrt(step)
+    return factor * min(1.0, max(0.0, 1.0 - used) / cooldown) if cooldown > 0 else factor
 
 
 def train_step(train_model: torch.nn.Module, model: Transformer, optimizer, scaler, micro_batches: list,
-               n_tokens: float, cfg: Config, autocast, step: int, rank: int = 0, world: int = 1) -> tuple:
+               n_tokens: float, cfg: Config, autocast, step: int, rank: int = 0, world: int = 1,
+               used: float = 0.0) -> tuple:
     """One optimizer step over micro_batches, (src, tgt_in, labels) triples of n_tokens target tokens over all
-    ranks. Returns the summed loss and whether the step was finite (else the update was skipped), as device tensors:
-    nothing here waits for the GPU. bench.py times this same function."""
+    ranks, with `used` of the budget spent (budget_used). Returns the summed loss and whether the step was finite
+    (else the update was skipped), as device tensors: nothing here waits for the GPU. bench.py times this function."""
     for group in optimizer.param_groups:
-        group["lr"] = group["peak_lr"] * lr_factor(step, cfg.warmup_steps)
+        group["lr"] = group["peak_lr"] * lr_factor(step, cfg.warmup_steps, cfg.cooldown, used)
     # Dropout masks are a function of (seed, rank, step): a resumed run draws exactly the masks the uninterrupted one
     # would, on every rank, with no RNG state to save; and ranks draw different masks.
     torch.manual_seed(hash((cfg.seed, rank, step)))
@@ -444,7 +456,7 @@ def main(argv: list[str]) -> None:
         progress = Progress(cfg, device, state.step, started)
 
     train_model.train()
-    reason = ""
+    reason, minutes = "", 0.0
     while not reason:
         # --- plan the epoch's batches
         if cfg.max_epochs and state.epoch >= cfg.max_epochs:
@@ -455,13 +467,15 @@ def main(argv: list[str]) -> None:
             progress.start_epoch(state, len(plan))
         for indices, n_tokens in plan[state.batch:]:  # a resumed run skips the steps it took already
             # --- agree to stop
-            reason = stop_reason(cfg, state, stop, started, world, device)
+            reason, agreed = stop_reason(cfg, state, stop, started, world, device)
             if reason:
                 break
+            minutes = minutes if agreed is None else agreed
             # --- one training step (no host sync); the fp16 scaler counts its own skips
             batches = [data.train.batch(idx, device, cfg.pad_multiple) for idx in indices]
             loss, ok = train_step(train_model, model, optimizer, scaler, batches, n_tokens, cfg, autocast,
-                                  step=state.step, rank=rank, world=world)
+                                  step=state.step, rank=rank, world=world,
+                                  used=budget_used(cfg, state, len(plan), minutes))
             if not scaler.is_enabled():
                 skips.record(ok)
             state.step += 1

@@ -642,6 +642,27 @@ def test_max_steps_counts_across_resumes(tmp_path, corpus, cache):
     assert lines and TEST_LINE.match(lines[-1]), lines
 
 
+def test_cooldown_takes_the_learning_rate_linearly_to_zero():
+    base = [train.lr_factor(s, warmup=10) for s in range(100)]
+    assert [train.lr_factor(s, 10, cooldown=0.25, used=s / 100) for s in range(75)] == base[:75]  # untouched before
+    for s in range(75, 100):
+        assert train.lr_factor(s, 10, cooldown=0.25, used=s / 100) == pytest.approx(base[s] * (100 - s) / 25)
+    assert train.lr_factor(5, 10, cooldown=0.25, used=1.0) == 0.0
+    state = train.TrainState(step=30, epoch=2, batch=5)  # the budget furthest spent counts
+    cfg = config.Config(max_steps=100, max_epochs=5, max_minutes=0)
+    assert train.budget_used(cfg, state, epoch_steps=10, minutes=0.0) == pytest.approx(0.5)  # epochs: 2.5 of 5
+    assert train.budget_used(cfg, state, epoch_steps=10, minutes=0.8) == pytest.approx(0.8)
+    assert train.budget_used(config.Config(max_steps=40, max_epochs=0), state, 10, 0.0) == pytest.approx(0.75)
+
+
+def test_cooldown_ends_the_run_at_a_learning_rate_near_zero(tmp_path, corpus, cache, in_process):
+    out = str(tmp_path / "cool")
+    train.main(train_args(corpus, out, cache, "--max_steps=20", "--cooldown=0.5", "--max_epochs=0"))
+    groups = load(os.path.join(out, "ckpt.pt"))["optimizer"]["param_groups"]
+    # The last step (index 19) is past the warmup of 20 and 1/20 of the budget from its end: a tenth of the peak.
+    assert all(g["lr"] == pytest.approx(3e-3 * 0.1) for g in groups)
+
+
 def test_auto_precision_uses_bf16_on_cpus_with_amx_for_training_only(monkeypatch):
     cfg = config.Config(dtype="auto")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
