@@ -307,6 +307,8 @@ def bench_data(opt: Options) -> None:
     """Time load_data on a corpus of opt.data_pairs pairs: the first preparation (read, train the tokenizer on a
     sample, encode, write the cache) and a second start from the cache, each in a fresh process with its peak RSS."""
     corpus, cache = os.path.join(opt.workdir, f"corpus-{opt.data_pairs}"), os.path.join(opt.workdir, "cache")
+    if not os.path.isdir(corpus) and not os.path.isfile(os.path.join(opt.data_dir, "train.en.gz")):
+        raise UserError(f"--data_dir={opt.data_dir} has no train.en.gz: the corpus is built from Multi30k's files")
     if not os.path.isdir(corpus):
         make_corpus(corpus + ".tmp", opt.data_pairs, opt.data_dir)
         os.replace(corpus + ".tmp", corpus)

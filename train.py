@@ -139,6 +139,9 @@ def make_run_dir(cfg: Config) -> None:
     """out_dir with config.json in it, and the config in the log."""
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        for name in os.listdir(cfg.out_dir):  # a run killed mid-write leaves its temporary file (atomic_save)
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(cfg.out_dir, name))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
     except OSError as e:

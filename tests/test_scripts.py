@@ -98,6 +98,7 @@ def test_bench_runs_in_minimal_mode(trained):
                         r"beam5_s=\d+\.\d+", last), last
 
 
+@pytest.mark.skipif(not os.path.isdir(MULTI30K), reason="needs ../shared/data/multi30k")
 def test_bench_times_the_data_path(tmp_path):
     r = run_script("bench.py", "--data_pairs=3000", f"--workdir={tmp_path}", f"--data_dir={MULTI30K}")
     assert r.returncode == 0, r.stderr.decode()[-2000:]
