@@ -72,7 +72,8 @@ def test_visualize_writes_pictures_and_index(trained, tmp_path):
 
 def test_plotted_attention_rows_sum_to_one_and_decoder_is_lower_triangular(trained):
     model, tok = load_model(trained)
-    res = collect(model, tok, SENTENCES[1], beam_size=2)
+    res = collect(model.train(), tok, SENTENCES[1], beam_size=2)
+    assert model.training  # training draws TensorBoard's figure mid-run: its dropout must stay on afterwards
     for kind in ("encoder", "decoder", "cross"):
         weights, rows, cols = res[kind]
         assert weights.shape[-2:] == (len(rows), len(cols))

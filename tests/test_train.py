@@ -148,6 +148,14 @@ def start_until_first_checkpoint(out: str, args: list[str]) -> tuple[Run, str]:
     return run, ckpt
 
 
+def test_tensorboard_does_not_change_training(tmp_path, corpus, cache, reference):
+    """Its attention figure runs the model at each validation: dropout must stay on after it (it once did not)."""
+    out = str(tmp_path / "tb")
+    run_ok(*train_args(corpus, out, cache, *RESUME_STEPS, "--tensorboard=True"))
+    assert os.listdir(os.path.join(out, "tb"))
+    assert_same_weights(weights(out), reference)
+
+
 def test_sigterm_then_resume_is_exact(tmp_path, corpus, cache, reference):
     out = str(tmp_path / "run")
     args = train_args(corpus, out, cache, *RESUME_STEPS)
