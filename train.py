@@ -342,9 +342,8 @@ def validate(model: Transformer, data, cfg: Config, split: str = "val", n_exampl
     part = getattr(data, split)
     device = next(model.parameters()).device
     dtype, _ = precision(cfg, device.type)
-    model.eval()
     total, count = torch.zeros((), device=device), 0
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with model.evaluating(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for idx in part.batches(cfg.eval_max_tokens, shuffle=False):
             src, tgt_in, labels = part.batch(idx, device)
             total += model(src, tgt_in, labels)
@@ -352,7 +351,6 @@ def validate(model: Transformer, data, cfg: Config, split: str = "val", n_exampl
         hyps = translate_sentences(model, data.tokenizer, part.src_text, cfg.beam_size)
     for i in range(min(n_examples, len(hyps))):
         tqdm.write(f"  src: {part.src_text[i]}\n  ref: {part.tgt_text[i]}\n  hyp: {hyps[i]}", file=sys.stderr)
-    model.train()
     return {"loss": float(total) / max(count, 1), **score(hyps, part.tgt_text), "n": len(hyps), "hyps": hyps}
 
 

@@ -43,20 +43,17 @@ class Options:
 def collect(model: Transformer, tok: Tokenizer, sentence: str, beam_size: int = 1) -> dict:
     """Translate one sentence, then rerun it through the math path. Returns the translation and, per kind,
     (weights (n_layers, n_heads, T_query, T_key), query labels, key labels). Rows are the decoder positions
-    labelled by the token each one predicts; columns are the tokens attended to. The model's mode is restored:
-    training draws TensorBoard's figure with it, and must keep its dropout afterwards."""
-    was_training = model.training
-    model.eval()
+    labelled by the token each one predicts; columns are the tokens attended to. The model keeps its mode."""
     cfg, device = model.cfg, next(model.parameters()).device
     ids, cut = encode_sources(tok, [sentence], cfg.max_len)
     if cut:
         log(f"warning: the sentence is longer than max_len={cfg.max_len} tokens and was cut to fit")
     src = torch.tensor(ids, device=device)
-    hyp = model.generate(src, beam_size=beam_size, length_penalty=cfg.length_penalty, max_len_a=cfg.max_len_a,
-                         max_len_b=cfg.max_len_b)[0]
-    tgt_in = torch.tensor([[tok.bos_id] + hyp], device=device)
-    maps = model.attention_maps(src, tgt_in)
-    model.train(was_training)
+    with model.evaluating():
+        hyp = model.generate(src, beam_size=beam_size, length_penalty=cfg.length_penalty, max_len_a=cfg.max_len_a,
+                             max_len_b=cfg.max_len_b)[0]
+        tgt_in = torch.tensor([[tok.bos_id] + hyp], device=device)
+        maps = model.attention_maps(src, tgt_in)
     name = tok.tok.id_to_token
     src_tokens = [name(i) for i in ids[0]]
     in_tokens, out_tokens = [name(i) for i in [tok.bos_id] + hyp], [name(i) for i in hyp + [tok.eos_id]]

@@ -212,6 +212,22 @@ def test_dropout_zeros_p_and_rescales_the_rest():
     torch.testing.assert_close(y.unique(), torch.tensor([0.0, 1 / 0.7]))
     assert abs((y == 0).float().mean().item() - 0.3) < 0.01 and abs(y.mean().item() - 1.0) < 0.02
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    # two masks come from each 32-bit draw: its halves must be independent (both dropped with probability p^2),
+    # and any shape works, an odd number of elements included
+    y = drop.train()(torch.ones(3, 66_667)).flatten()
+    assert abs(((y[:-1:2] == 0) & (y[1::2] == 0)).float().mean().item() - 0.09) < 0.005
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.01
+
+
+def test_evaluating_restores_the_mode_even_after_an_error():
+    model = make_model().train()
+    with pytest.raises(RuntimeError), model.evaluating():
+        assert not model.training and not model.encoder[0].residual_ff.dropout.training
+        raise RuntimeError("a failed decode")
+    assert model.training and model.encoder[0].residual_ff.dropout.training
+    with model.eval().evaluating():
+        pass
+    assert not model.training
 
 
 def test_flops_estimate():

@@ -54,6 +54,9 @@ def test_batched_translation_equals_one_by_one_in_process(trained):
     model, tok = load_model(trained)
     together = translate_sentences(model, tok, SENTENCES * 4, beam_size=2)
     assert together == [translate_sentences(model, tok, [s], beam_size=2)[0] for s in SENTENCES] * 4
+    # decoding runs in eval mode, then gives the caller's mode back (validation translates mid-training)
+    assert translate_sentences(model.train(), tok, SENTENCES, beam_size=2) == together[:len(SENTENCES)]
+    assert model.training
 
 
 def test_visualize_writes_pictures_and_index(trained, tmp_path):
