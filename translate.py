@@ -45,13 +45,13 @@ def translate_sentences(model: Transformer, tok: Tokenizer, texts: list[str], be
         return out
     lengths = torch.tensor([len(s) for s in ids])
     budget = max(max_tokens or cfg.eval_max_tokens, cfg.max_len) // max(1, beam_size)
-    for batch in token_batches(lengths, lengths, budget):
-        src = pad_rows([ids[i] for i in batch.tolist()], tok.pad_id).to(device)
-        with model.evaluating(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with model.evaluating(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for batch in token_batches(lengths, lengths, budget):
+            src = pad_rows([ids[i] for i in batch.tolist()], tok.pad_id).to(device)
             hyps = model.generate(src, beam_size=beam_size, length_penalty=cfg.length_penalty, max_len_a=cfg.max_len_a,
                                   max_len_b=cfg.max_len_b, use_cache=use_cache)
-        for i, text in zip(batch.tolist(), tok.decode(hyps)):
-            out[keep[i]] = text
+            for i, text in zip(batch.tolist(), tok.decode(hyps)):
+                out[keep[i]] = text
     return out
 
 
