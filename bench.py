@@ -7,10 +7,12 @@ the KV cache (and against CTranslate2 on the same checkpoint, when it is install
     python bench.py --preset=tiny --ckpt=out-tiny     # decode with trained weights (realistic output lengths)
     python bench.py --steps=2 --sentences=16          # a quick smoke run
     python bench.py --profile=5                       # plus the kernels that take the time, over 5 steps
+    python bench.py --preset=multi30k_en_de --device=cpu --dtype=float32    # fp32 even where AMX gives bf16
     python bench.py --data_pairs=4500000              # the data path at WMT14's size (a synthetic corpus)
 
 The last line sums it up: train_tok_s=... mfu=... ratio_vs_nn_transformer=... greedy_s=... beam5_s=...
 """
+import copy
 import gzip
 import json
 import os
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 
 from checkpoint import load_model
 from config import PRESETS, Config, UserError, check, parse_args, pick_device, precision, run_main
-from dataset import load_data, log, pad_rows
-from model import PositionalEncoding, TokenEmbedding, Transformer
+from dataset import encode_sources, load_data, log, pad_rows
+from model import KVCache, PositionalEncoding, TokenEmbedding, Transformer
 from train import make_optimizer, train_step
 from translate import score, translate_sentences
 
@@ -50,6 +52,7 @@ class Options:
     ckpt: str = ""  # decode with these trained weights (default: the untrained model, which runs to max length)
     data_dir: str = "../shared/data/multi30k"  # real Multi30k batches (falls back to the config's default)
     max_tokens: int = 0  # token budget of a training batch (0: the preset's)
+    dtype: str = "auto"  # precision, as train.py's --dtype; on a CPU in bf16, ours in fp32 is timed too
     profile: int = 0  # profile this many training steps of ours: where the time goes (0: off)
     data_pairs: int = 0  # instead, time the data path on a synthetic corpus of this many pairs (WMT14: 4.5M)
     workdir: str = "/tmp/bench-data"  # --data_pairs: where the corpus and its cache go
@@ -88,9 +91,11 @@ class TorchTransformer(nn.Module):
                                label_smoothing=label_smoothing, reduction="sum")
 
 
-def sync(device: str) -> None:
+def clock(device: str) -> float:
+    """time.perf_counter(), once the device has finished the work queued (as train.py's Progress.clock)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
@@ -105,56 +110,50 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
     a = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ a
-    sync(device)
-    t = time.perf_counter()
+    t = clock(device)
     for _ in range(10):
         a @ a
-    sync(device)
-    return 10 * 2 * n ** 3 / (time.perf_counter() - t), f"measured {n}x{n} matmul"
+    return 10 * 2 * n ** 3 / (clock(device) - t), f"measured {n}x{n} matmul"
 
 
-def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: int,
-                profile: int = 0) -> tuple[dict, dict, str]:
-    """Median seconds per training step of each model, timed in alternating rounds so that both see the same
-    machine load (a CPU is noisy). batches: ((src, tgt_in, labels), target tokens). Both models take train.py's
-    own step (train_step: schedule, dropout seed, loss, clipping, fused AdamW) on the same batches in train.py's
-    precision. Also the seconds of each model's warmup steps (compilation included), and with profile > 0 the
-    profiler's table of the most expensive operations over that many more steps of the first model."""
+def train_steps(models: dict, batches: list, device: str, steps: int, profile: int = 0) -> tuple[dict, dict, str]:
+    """Median seconds per training step of each model, timed in alternating rounds so that all see the same machine
+    load (a CPU is noisy). models: name -> (model, its Config); batches: ((src, tgt_in, labels), target tokens). Each
+    takes train.py's own step (train_step: schedule, dropout seed, loss, clipping, fused AdamW) on the same batches,
+    in the precision its Config gives train.py. Also the seconds of each model's warmup steps (compilation included),
+    and with profile > 0 the profiler's table of the most expensive operations over that many more steps of the
+    first model."""
     cuda = device.startswith("cuda")
-    dtype, use_scaler = precision(cfg, device)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None)
     setups = {}
-    for name, model in models.items():
+    for name, (model, cfg) in models.items():
+        dtype, use_scaler = precision(cfg, device)
+        autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None)
         fn = torch.compile(model, dynamic=True) if cuda else model  # as train.py: one compile for all shapes
-        setups[name] = (fn, model, make_optimizer(model, cfg), torch.amp.GradScaler("cuda", enabled=use_scaler))
+        setups[name] = (fn, model, make_optimizer(model, cfg), torch.amp.GradScaler("cuda", enabled=use_scaler), cfg,
+                        autocast)
     taken = dict.fromkeys(models, 0)  # each model's steps so far: its learning rate and dropout seed follow them
 
     def step(name: str, batch) -> None:
-        fn, model, optimizer, scaler = setups[name]
+        fn, model, optimizer, scaler, cfg, autocast = setups[name]
         tensors, n_tokens = batch
         train_step(fn, model, optimizer, scaler, [tensors], n_tokens, cfg, autocast, step=taken[name])
         taken[name] += 1
 
     warmup = {}
     for name in setups:  # warmup: compilation, allocator, first-touch
-        t = time.perf_counter()
+        t = clock(device)
         for batch in batches[:max(3, min(len(batches), 8 if cuda else 2))]:
             step(name, batch)
-        sync(device)
-        warmup[name] = time.perf_counter() - t
+        warmup[name] = clock(device) - t
     times = {name: [] for name in setups}
     rounds = max(1, min(steps, 5))
     per_round = max(1, steps // rounds)
-    k = 0
-    for _ in range(rounds):
+    for r in range(rounds):
         for name in setups:
-            chunk = [batches[(k + i) % len(batches)] for i in range(per_round)]
-            t = time.perf_counter()
-            for batch in chunk:
-                step(name, batch)
-            sync(device)
-            times[name].append((time.perf_counter() - t) / per_round)
-        k += per_round
+            t = clock(device)
+            for i in range(per_round):
+                step(name, batches[(r * per_round + i) % len(batches)])
+            times[name].append((clock(device) - t) / per_round)
     table = ""
     if profile:
         from torch.profiler import ProfilerActivity
@@ -165,7 +164,7 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
             with torch.profiler.profile(activities=activities) as prof:
                 for i in range(profile):
                     step(first, batches[i % len(batches)])
-                sync(device)
+                clock(device)
             wall = (time.perf_counter() - t) / profile
             # On CUDA: kernels by their own device time; a device total well under the wall time means the host
             # (Python, kernel launches) is the limit, not the GPU.
@@ -179,19 +178,16 @@ def train_steps(models: dict, batches: list, cfg: Config, device: str, steps: in
 
 def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool,
                 device: str) -> tuple[float, int, list[str]]:
-    """Seconds to translate the texts as translate.py does (token-budget batches, bf16 on CUDA), about how many
+    """Seconds to translate the texts as translate.py does (token-budget batches, its precision), about how many
     target tokens that produced (the output re-encoded, plus EOS), and the translations."""
-    sync(device)
-    t = time.perf_counter()
+    t = clock(device)
     hyps = translate_sentences(model, tok, texts, beam, use_cache=use_cache)
-    sync(device)
-    return time.perf_counter() - t, sum(len(h) + 1 for h in tok.encode(hyps)), hyps
+    return clock(device) - t, sum(len(h) + 1 for h in tok.encode(hyps)), hyps
 
 
 @torch.no_grad()
 def decode_curve(model: Transformer, src: torch.Tensor, lengths: list[int], device: str) -> list[tuple]:
     """Seconds to produce L tokens for a batch, with and without the cache: linear vs quadratic in L."""
-    from model import KVCache
     memory, src_mask = model.encode(src)
     rows = []
     for n in lengths:
@@ -199,13 +195,11 @@ def decode_curve(model: Transformer, src: torch.Tensor, lengths: list[int], devi
         for use_cache in (True, False):
             tokens = torch.full((src.size(0), 1), model.bos_id, device=device)
             cache = KVCache(len(model.decoder)) if use_cache else None
-            sync(device)
-            t = time.perf_counter()
+            t = clock(device)
             for _ in range(n):
                 nxt = model._next_logits(tokens, memory, src_mask, cache).argmax(-1, keepdim=True)
                 tokens = torch.cat([tokens, nxt], 1)
-            sync(device)
-            result.append(time.perf_counter() - t)
+            result.append(clock(device) - t)
         rows.append((n, *result))
     return rows
 
@@ -214,7 +208,7 @@ def decode_curve(model: Transformer, src: torch.Tensor, lengths: list[int], devi
 def decoding(model: Transformer, tok, texts: list[str], refs: list[str], device: str, n_uncached: int) -> dict:
     """Print the decoding times, greedy and beam 5, with and without the KV cache (with BLEU), the time per output
     length, and one sentence's latency. Returns (seconds, tokens, translations) by beam size, with the cache."""
-    ids = [s[:model.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(texts)]
+    ids, _ = encode_sources(tok, texts, model.cfg.max_len)
     results = {}
     print(f"decoding ({model.cfg.eval_max_tokens}-token batches, as translate.py and validation do):")
     for beam in (1, 5):
@@ -234,11 +228,9 @@ def decoding(model: Transformer, tok, texts: list[str], refs: list[str], device:
     for beam in (1, 5):  # latency: one sentence, from its source ids to its last output token
         times = []
         for _ in range(5):
-            sync(device)
-            t = time.perf_counter()
+            t = clock(device)
             model.generate(src[:1], beam_size=beam)
-            sync(device)
-            times.append(time.perf_counter() - t)
+            times.append(clock(device) - t)
         print(f"  one sentence, {'greedy' if beam == 1 else 'beam 5'}: {statistics.median(times) * 1e3:.1f} ms")
     return results
 
@@ -336,12 +328,10 @@ def main(argv: list[str]) -> None:
     if opt.steps <= 0 or opt.sentences <= 0 or opt.profile < 0:
         raise UserError("--steps and --sentences must be positive, --profile not negative")
     device = pick_device(opt.device)
-    cfg = replace(Config(), **PRESETS[opt.preset], device=device)
-    cfg = replace(cfg, attn_dropout=cfg.dropout, act_dropout=cfg.dropout)  # nn.Transformer: one rate for all
-    if os.path.isdir(opt.data_dir):
-        cfg = replace(cfg, data_dir=opt.data_dir)
-    if opt.max_tokens:
-        cfg = replace(cfg, max_tokens=opt.max_tokens)
+    cfg = replace(Config(), **PRESETS[opt.preset], device=device, dtype=opt.dtype)
+    cfg = replace(cfg, attn_dropout=cfg.dropout, act_dropout=cfg.dropout,  # nn.Transformer: one rate for all
+                  data_dir=opt.data_dir if os.path.isdir(opt.data_dir) else cfg.data_dir,
+                  max_tokens=opt.max_tokens or cfg.max_tokens)
     check(cfg)
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
@@ -362,16 +352,20 @@ def main(argv: list[str]) -> None:
     useful = statistics.mean(n for _, n in batches)
     flops = statistics.mean(ours.estimate_flops(data.train.src_len[idx], data.train.tgt_len[idx]) for idx in index)
     padded = statistics.mean(tensors[2].numel() for tensors, _ in batches)
-    sec, warmup, profile = train_steps({"ours": ours, "nn.Transformer": theirs}, batches, cfg, device, opt.steps,
-                                       opt.profile)
+    dtype = precision(cfg, device)[0] or torch.float32
+    models = {"ours": (ours, cfg), "nn.Transformer": (theirs, cfg)}
+    if dtype is not torch.float32 and not cuda:  # the same run's fp32 step: what the CPU's bf16 units gain
+        models["ours fp32"] = (copy.deepcopy(ours), replace(cfg, dtype="float32"))
+    sec, warmup, profile = train_steps(models, batches, device, opt.steps, opt.profile)
     ratio = sec["ours"] / sec["nn.Transformer"]
     train_tok_s = useful / sec["ours"]
-    dtype = str(precision(cfg, device)[0] or torch.float32)[6:]
-    print(f"training ({dtype}{' + torch.compile' if cuda else ', eager'}, {cfg.max_tokens}-token batches, "
+    print(f"training ({str(dtype)[6:]}{' + torch.compile' if cuda else ', eager'}, {cfg.max_tokens}-token batches, "
           f"{useful:.0f} useful target tokens of {padded:.0f} padded per step):")
     for key, s in sec.items():
         print(f"  {key:15s} {s * 1e3:8.1f} ms/step  {useful / s:10.0f} target tok/s")
-    peak, how = peak_flops(device, precision(cfg, device)[0] or torch.float32)
+    if "ours fp32" in sec:
+        print(f"  ours {str(dtype)[6:]} / ours fp32: {sec['ours fp32'] / sec['ours']:.2f}x the tokens/s")
+    peak, how = peak_flops(device, dtype)
     mfu = flops / sec["ours"] / peak  # on a CPU too: how far the step is from the chip's matmul rate
     print(f"  MFU {mfu:.1%} ({flops / sec['ours'] / 1e9:.1f} GFLOP/s of {peak / 1e9:.0f}, peak {how})")
     print(f"  time per step ours / nn.Transformer = {ratio:.3f}")
@@ -382,20 +376,18 @@ def main(argv: list[str]) -> None:
 
     if opt.ckpt:
         model, tok = load_model(opt.ckpt, device)  # and its own tokenizer: the ids must match its embeddings
+        model.cfg = replace(model.cfg, dtype=cfg.dtype)  # decoded in --dtype, not the precision it trained in
         if model.cfg.d_model != cfg.d_model:
             log(f"note: decoding uses the checkpoint's model, not preset {opt.preset}")
     else:
         model = ours.eval()
         print("decoding: untrained weights (pass --ckpt for realistic lengths): every sentence runs to its limit")
-    model.eval()
     texts, refs = data.test.src_text[:opt.sentences], data.test.tgt_text[:opt.sentences]
     results = decoding(model, tok, texts, refs, device, opt.uncached)
     if opt.ckpt and not cuda:
         ctranslate2_rows(opt.ckpt, texts, refs, results)
-    if cuda:
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
-    else:
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+    memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)" if cuda else
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)")
     print(f"peak memory: {memory}")
     print(f"train_tok_s={train_tok_s:.0f} mfu={mfu:.3f} ratio_vs_nn_transformer={ratio:.3f} "
           f"greedy_s={results[1][0]:.2f} beam5_s={results[5][0]:.2f}")

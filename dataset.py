@@ -180,27 +180,23 @@ def read_hub(name: str, config: str, src_lang: str, tgt_lang: str, splits: list[
     train, val, test = splits
     if train not in ds:
         raise UserError(f"{name!r} has no split {train!r} (it has: {', '.join(ds)})")
-    parts = {"train": ds[train]}
     if val in ds and test in ds:
-        parts.update(val=ds[val], test=ds[test])
+        parts = {"train": ds[train], "val": ds[val], "test": ds[test]}
+    elif len(ds[train]) <= 3 * holdout:
+        raise UserError(f"{name!r} has no {val!r}/{test!r} splits and too few rows to carve {holdout} each")
     else:
-        if len(ds[train]) <= 3 * holdout:
-            raise UserError(f"{name!r} has no {val!r}/{test!r} splits and too few rows to carve {holdout} each")
         rest = ds[train].train_test_split(test_size=2 * holdout, seed=seed)
         held = rest["test"].train_test_split(test_size=holdout, seed=seed)
         parts = {"train": rest["train"], "val": held["train"], "test": held["test"]}
-    if "translation" in parts["train"].column_names:  # a struct column: flattened, its fields are columns too
+    nested = "translation" in parts["train"].column_names  # a struct column: flattened, its fields are columns too
+    if nested:
         parts = {key: part.flatten() for key, part in parts.items()}
-        have = [c.split(".", 1)[1] for c in parts["train"].column_names if c.startswith("translation.")]
-        for lang in (src_lang, tgt_lang):
-            if lang not in have:
-                raise UserError(f"{name!r} has no language {lang!r} (it has: {', '.join(have)})")
-        return HubCorpus(parts, (f"translation.{src_lang}", f"translation.{tgt_lang}"))
+    prefix, what = ("translation.", "language") if nested else ("", "language column")
+    have = [c[len(prefix):] for c in parts["train"].column_names if c.startswith(prefix)]
     for lang in (src_lang, tgt_lang):
-        if lang not in parts["train"].column_names:
-            have = ", ".join(parts["train"].column_names)
-            raise UserError(f"{name!r} has no language column {lang!r} (it has: {have})")
-    return HubCorpus(parts, (src_lang, tgt_lang))
+        if lang not in have:
+            raise UserError(f"{name!r} has no {what} {lang!r} (it has: {', '.join(have)})")
+    return HubCorpus(parts, (prefix + src_lang, prefix + tgt_lang))
 
 
 def open_corpus(cfg: Config) -> Corpus:
@@ -308,7 +304,7 @@ class Tokenizer:
 
 # ---------------------------------------------------------------- batches
 
-def round_up(n: int, multiple: int) -> int:
+def round_up(n: int | Tensor, multiple: int) -> int | Tensor:
     return (n + multiple - 1) // multiple * multiple
 
 
@@ -321,16 +317,14 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> Tensor:
 
 def token_batches(src_len: Tensor, tgt_len: Tensor, max_tokens: int, generator: torch.Generator | None = None,
                   pad_multiple: int = 1) -> list[Tensor]:
-    """Group sentences of similar length (each at least 1) into batches of at most max_tokens (padding included)
-    per side.
-
-    Sentences are sorted by length (ties in random order when a generator is given), cut into batches, and the
-    batch order is shuffled: every batch pads only to its own longest sentence."""
+    """Group sentences of similar length (each at least 1) into batches of at most max_tokens per side, padding
+    included. Sentences are sorted by length (ties in random order when a generator is given), cut into batches, and
+    the batch order is shuffled: every batch pads only to its own longest sentence."""
     n = len(src_len)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     key = torch.maximum(src_len, tgt_len)[order] * 1024 + torch.minimum(src_len, tgt_len)[order]
     order = order[torch.sort(key, stable=True).indices]
-    width = ((torch.maximum(src_len, tgt_len)[order] + pad_multiple - 1) // pad_multiple * pad_multiple).numpy()
+    width = round_up(torch.maximum(src_len, tgt_len)[order], pad_multiple).numpy()
     sizes, start = [], 0
     while start < n:
         # A batch costs its longest sentence times its size, which only grows as sentences join: it takes the next

@@ -153,9 +153,8 @@ class MultiHeadAttention(nn.Module):
                 k, v = self.split_heads(self.w_kv(memory), 2)
         else:
             q, k, v = self.split_heads(self.w_qkv(x), 3)
-            if cache is not None:
-                if "k" in cache:
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            if cache is not None and "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
         dropout_p = self.dropout if self.training else 0.0
@@ -164,8 +163,7 @@ class MultiHeadAttention(nn.Module):
         else:
             out, w = attention_math(q, k, v, mask, is_causal, dropout_p)
             weights.append(w)
-        out = out.transpose(1, 2).reshape(B, T, d_model)  # (B, T, d_model): heads concatenated
-        return self.w_o(out)
+        return self.w_o(out.transpose(1, 2).reshape(B, T, d_model))  # (B, T, d_model): heads concatenated
 
 
 class Residual(nn.Module):
@@ -246,8 +244,7 @@ class KVCache:
         leave the batch."""
         for layer in self.layers:
             for part in ("self", "cross") if cross else ("self",):
-                layer[part]["k"] = layer[part]["k"].index_select(0, rows)
-                layer[part]["v"] = layer[part]["v"].index_select(0, rows)
+                layer[part] = {key: t.index_select(0, rows) for key, t in layer[part].items()}  # k and v
 
 
 class Transformer(nn.Module):
@@ -427,7 +424,7 @@ class Transformer(nn.Module):
                 best = (scores / lengths.view(-1, K).clamp(min=1) ** length_penalty).argmax(1)
                 for i, row in zip(sentence[finished].tolist(),
                                   tokens.view(-1, K, tokens.size(1))[finished, best[finished], 1:].tolist()):
-                    out[i] = self._strip(row)
+                    out[i] = row[:row.index(self.eos_id)] if self.eos_id in row else row  # cut at its EOS
                 keep = (~finished).nonzero().squeeze(1)
                 if len(keep) == 0:
                     break
@@ -445,10 +442,6 @@ class Transformer(nn.Module):
         if beam_size <= 1:
             return self.greedy(src, max_len_a, max_len_b, use_cache)
         return self.beam_search(src, beam_size, length_penalty, max_len_a, max_len_b, use_cache)
-
-    def _strip(self, ids: list[int]) -> list[int]:
-        """Cut a decoded row at its EOS."""
-        return ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
 
     # ---------------------------------------------------------------- training helpers
 

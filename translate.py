@@ -33,9 +33,9 @@ def translate_sentences(model: Transformer, tok: Tokenizer, texts: list[str], be
                         max_tokens: int | None = None, use_cache: bool = True) -> list[str]:
     """Translate many sentences in token-budget batches of similar length; results in input order.
     Empty sentences give empty translations; sentences longer than the model's max_len are cut (with a warning).
-    Runs in config.precision(decoding=True): bf16 on CUDA by default, fp32 on a CPU."""
+    Runs in config.precision: by default bf16 on CUDA and on CPUs with AMX, else fp32."""
     cfg, device = model.cfg, next(model.parameters()).device
-    dtype, _ = precision(cfg, device.type, decoding=True)
+    dtype, _ = precision(cfg, device.type)
     keep = [i for i, t in enumerate(texts) if t.strip()]
     ids, cut = encode_sources(tok, [texts[i] for i in keep], cfg.max_len)
     if cut:

@@ -80,14 +80,12 @@ def plot_attention(weights: torch.Tensor, rows: list[str], cols: list[str], titl
     return fig
 
 
-def attention_figure(model: Transformer, tok: Tokenizer, sentence: str, kind: str = "cross",
-                     layers: list[int] | None = None, heads: list[int] | None = None) -> plt.Figure:
-    """One figure for one kind of attention (the TensorBoard heatmap during training). Default: last layer."""
+def attention_figure(model: Transformer, tok: Tokenizer, sentence: str) -> plt.Figure:
+    """The last layer's cross-attention, every head: the TensorBoard heatmap during training."""
     res = collect(model, tok, sentence)
-    weights, rows, cols = res[kind]
-    layers = layers if layers is not None else [weights.size(0) - 1]
-    heads = heads if heads is not None else list(range(weights.size(1)))
-    return plot_attention(weights, rows, cols, f"{KINDS[kind]}: {res['translation']}", layers, heads)
+    weights, rows, cols = res["cross"]
+    return plot_attention(weights, rows, cols, f"{KINDS['cross']}: {res['translation']}", [weights.size(0) - 1],
+                          list(range(weights.size(1))))
 
 
 def pick(spec: str, n: int, what: str) -> list[int]:

@@ -40,11 +40,13 @@ def write_corpus(path: str, n_train: int = 400, n_eval: int = 40, seed: int = 0)
     return path
 
 
-# Flags for a model small enough that a few dozen steps take seconds on a CPU.
+# Flags for a model small enough that a few dozen steps take seconds on a CPU. fp32 on every CPU: with AMX,
+# dtype=auto would train in bf16, and the tests that compare two runs' weights (DDP against accumulation, compiled
+# against eager) need the same arithmetic everywhere. The bf16 tests and the default preset's test use auto.
 TINY = ["--d_model=32", "--n_heads=2", "--n_encoder_layers=1", "--n_decoder_layers=1", "--d_ff=64",
         "--vocab_size=120", "--max_tokens=400", "--warmup_steps=20", "--lr=3e-3", "--eval_interval=10",
         "--beam_size=2", "--tensorboard=False", "--device=cpu", "--log_interval=5", "--dropout=0.0",
-        "--attn_dropout=0.0", "--avg_last=0"]
+        "--attn_dropout=0.0", "--avg_last=0", "--dtype=float32"]
 
 
 def run_script(script: str, *args: str, input: bytes | None = None, timeout: float = 300, env: dict | None = None):

@@ -671,14 +671,13 @@ def test_cooldown_ends_the_run_at_a_learning_rate_near_zero(tmp_path, corpus, ca
     assert all(g["lr"] == pytest.approx(3e-3 * 0.1) for g in groups)
 
 
-def test_auto_precision_uses_bf16_on_cpus_with_amx_for_training_only(monkeypatch):
+def test_auto_precision_uses_bf16_on_cpus_with_amx(monkeypatch):
     cfg = config.Config(dtype="auto")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert config.precision(cfg, "cpu") == (torch.bfloat16, False)
-    assert config.precision(cfg, "cpu", decoding=True) == (None, False)  # measured slower in bf16
+    assert config.precision(cfg, "cpu") == (torch.bfloat16, False)  # training and decoding both measured faster
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert config.precision(cfg, "cpu") == (None, False)  # emulated bf16 would be slower than fp32
-    assert config.precision(config.Config(dtype="bfloat16"), "cpu", decoding=True) == (torch.bfloat16, False)
+    assert config.precision(config.Config(dtype="bfloat16"), "cpu") == (torch.bfloat16, False)
 
 
 def test_bf16_training_on_cpu_learns_and_keeps_fp32_weights(tmp_path, corpus, cache):
