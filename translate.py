@@ -6,11 +6,12 @@ Translate with a trained checkpoint: weights, config and tokenizer all come from
     python translate.py --file=sentences.en > sentences.de      # one sentence per line, in token-budget batches
     cat sentences.en | python translate.py --file=-              # standard input
     python translate.py --file=test.en --ref=test.de > hyp.de   # also sacreBLEU and chrF (on stderr)
+    python translate.py --dtype=float32 "Two dogs play."          # fp32 even where AMX would decode in bf16
 
 Translations go to stdout, one per input line (an empty line for an empty one); messages go to stderr.
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +28,7 @@ class Options:
     file: str = ""  # translate this file line by line ("-": standard input) instead of one sentence
     ref: str = ""  # references for --file: prints sacreBLEU and chrF on stderr
     device: str = "auto"  # cuda, then mps, then cpu
+    dtype: str = ""  # "": the checkpoint's (auto: bf16 on CUDA and with AMX); float32 matches the CTranslate2 export
 
 
 def translate_sentences(model: Transformer, tok: Tokenizer, texts: list[str], beam_size: int,
@@ -92,6 +94,7 @@ def main(argv: list[str]) -> None:
     if refs is not None and len(refs) != len(texts):
         raise UserError(f"{opt.ref} has {len(refs)} lines but {opt.file} has {len(texts)}")
     model, tok = load_model(opt.ckpt, pick_device(opt.device))
+    model.cfg = replace(model.cfg, dtype=opt.dtype or model.cfg.dtype)
     beam = opt.beam or model.cfg.beam_size
     with torch.inference_mode():
         hyps = translate_sentences(model, tok, texts, beam)

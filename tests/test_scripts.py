@@ -25,6 +25,17 @@ def test_translate_single_sentence(trained):
     assert len(lines(r.stdout)) == 1 and lines(r.stdout)[0].strip()
 
 
+def test_translate_dtype_overrides_the_checkpoint(trained):
+    """--dtype=bfloat16 decodes under bf16 autocast (emulated without AMX: slower, same code path); a bad value is
+    one line."""
+    r = run_script("translate.py", f"--ckpt={trained}", "--beam=2", "--dtype=bfloat16", SENTENCES[0])
+    assert r.returncode == 0, r.stderr
+    assert len(lines(r.stdout)) == 1 and lines(r.stdout)[0].strip()
+    r = run_script("translate.py", f"--ckpt={trained}", "--dtype=float64", SENTENCES[0])
+    assert r.returncode == 1 and r.stderr.decode().strip().splitlines() == [
+        "error: --dtype must be auto, float32, bfloat16 or float16, got 'float64'"], r.stderr
+
+
 def test_translate_file_and_stdin_keep_line_count_and_order(trained, tmp_path):
     path = tmp_path / "in.en"
     text = SENTENCES[:2] + [""] + SENTENCES[2:]  # an empty line gives an empty translation, in place
@@ -94,6 +105,8 @@ def test_bench_runs_in_minimal_mode(trained):
     assert "profile: 1 training step(s) of ours" in out and "aten::" in out  # the profiler's table of operations
     assert re.search(r"warmup steps: ours \d+\.\d s, nn.Transformer \d+\.\d s", out), out
     assert re.search(r"MFU \d+\.\d% \(.* GFLOP/s of \d+, peak measured 2048x2048 matmul\)", out), out
+    if "training (bfloat16" in out:  # a CPU with AMX: ours in fp32 is timed in the same rounds
+        assert re.search(r"ours bfloat16 / ours fp32: \d+\.\d\dx the tokens/s", out), out
     assert re.search(r"one sentence, beam 5: \d+\.\d ms", out), out
     if importlib.util.find_spec("ctranslate2"):  # CI installs it
         assert re.search(r"CTranslate2 int8 +beam 5 *: +\d+\.\d+ s, ours \d+\.\d+x its time, BLEU", out), out
