@@ -14,6 +14,7 @@ from model import (
     LayerNorm,
     MultiHeadAttention,
     PositionalEncoding,
+    SmoothedCrossEntropy,
     TokenEmbedding,
     Transformer,
     attention_math,
@@ -217,6 +218,25 @@ def test_dropout_zeros_p_and_rescales_the_rest():
     y = drop.train()(torch.ones(3, 66_667)).flatten()
     assert abs(((y[:-1:2] == 0) & (y[1::2] == 0)).float().mean().item() - 0.09) < 0.005
     assert abs((y == 0).float().mean().item() - 0.3) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blockwise_loss_equals_cross_entropy(dtype):
+    # more rows than a block, padding rows, and a label in the last column: loss and gradient as F.cross_entropy's
+    torch.manual_seed(0)
+    logits = (torch.randn(SmoothedCrossEntropy.ROWS * 2 + 5, 300) * 4).to(dtype)
+    labels = torch.randint(1, 300, (logits.size(0),))
+    labels[::7], labels[1] = PAD, 299
+    for eps in (0.0, 0.1):
+        a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        want = nn.functional.cross_entropy(a.float(), labels, ignore_index=PAD, label_smoothing=eps, reduction="sum")
+        got = SmoothedCrossEntropy.apply(b, labels, PAD, eps)
+        (want * 3).backward()
+        (got * 3).backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+        assert b.grad.dtype == dtype and not b.grad[::7].any()
+        torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=0.02 if dtype is torch.bfloat16 else 1e-5,
+                                   atol=1e-6)
 
 
 def test_evaluating_restores_the_mode_even_after_an_error():
