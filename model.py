@@ -117,12 +117,13 @@ class SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, eps: float) -> Tensor:
         keep = labels != ignore_index
+        labels = labels * keep  # padding rows point at column 0: a valid index, and their loss and gradient are zeroed
         lse, mean = torch.empty(2, logits.size(0), device=logits.device)
         for i in range(0, logits.size(0), SmoothedCrossEntropy.ROWS):
             z = logits[i:i + SmoothedCrossEntropy.ROWS].float()
             lse[i:i + z.size(0)], mean[i:i + z.size(0)] = torch.logsumexp(z, -1), z.mean(-1)
-        target = logits.gather(1, (labels * keep)[:, None])[:, 0].float()
-        ctx.save_for_backward(logits, labels * keep, keep, lse)
+        target = logits.gather(1, labels[:, None])[:, 0].float()
+        ctx.save_for_backward(logits, labels, keep, lse)
         ctx.eps = eps
         return ((lse - (1 - eps) * target - eps * mean) * keep).sum()
 
