@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from checkpoint import load_model
-from config import PRESETS, Config, UserError, check, parse_args, pick_device, precision, run_main
+from config import PRESETS, Config, UserError, check, compiles, parse_args, pick_device, precision, run_main
 from dataset import encode_sources, load_data, log, pad_rows
 from model import KVCache, PositionalEncoding, TokenEmbedding, Transformer
 from train import make_optimizer, train_step
@@ -54,7 +54,8 @@ class Options:
     ckpt: str = ""  # decode with these trained weights (default: the untrained model, which runs to max length)
     data_dir: str = "../shared/data/multi30k"  # real Multi30k batches (falls back to the config's default)
     max_tokens: int = 0  # token budget of a training batch (0: the preset's)
-    dtype: str = "auto"  # precision, as train.py's --dtype; on a CPU in bf16, ours in fp32 is timed too
+    dtype: str = "auto"  # precision, as train.py's --dtype; on a CPU in bf16, ours in fp32 eager is timed too
+    compile: str = "auto"  # torch.compile, as train.py's --compile: auto (CUDA only), on or off
     profile: int = 0  # profile this many training steps of ours: where the time goes (0: off)
     data_pairs: int = 0  # instead, time the data path on a synthetic corpus of this many pairs (WMT14: 4.5M)
     workdir: str = "/tmp/bench-data"  # --data_pairs: where the corpus and its cache go
@@ -141,7 +142,7 @@ def train_steps(models: dict, batches: list, device: str, steps: int, profile: i
     for name, (model, cfg) in models.items():
         dtype, use_scaler = precision(cfg, device)
         autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None)
-        fn = torch.compile(model, dynamic=True) if cuda else model  # as train.py: one compile for all shapes
+        fn = torch.compile(model, dynamic=True) if compiles(cfg, device) else model  # as train.py: dynamic shapes
         setups[name] = (fn, model, make_optimizer(model, cfg), torch.amp.GradScaler("cuda", enabled=use_scaler), cfg,
                         autocast)
     taken = dict.fromkeys(models, 0)  # each model's steps so far: its learning rate and dropout seed follow them
@@ -341,7 +342,7 @@ def main(argv: list[str]) -> None:
     if opt.steps <= 0 or opt.sentences <= 0 or opt.profile < 0:
         raise UserError("--steps and --sentences must be positive, --profile not negative")
     device = pick_device(opt.device)
-    cfg = replace(Config(), **PRESETS[opt.preset], device=device, dtype=opt.dtype)
+    cfg = replace(Config(), **PRESETS[opt.preset], device=device, dtype=opt.dtype, compile=opt.compile)
     cfg = replace(cfg, data_dir=opt.data_dir if os.path.isdir(opt.data_dir) else cfg.data_dir,
                   max_tokens=opt.max_tokens or cfg.max_tokens)
     check(cfg)
@@ -366,22 +367,23 @@ def main(argv: list[str]) -> None:
     padded = statistics.mean(tensors[2].numel() for tensors, _ in batches)
     dtype = precision(cfg, device)[0] or torch.float32
     models = {"ours": (ours, cfg), "nn.Transformer": (theirs, cfg)}
-    if dtype is not torch.float32 and not cuda:  # the same run's fp32 step: what the CPU's bf16 units gain
-        models["ours fp32"] = (copy.deepcopy(ours), replace(cfg, dtype="float32"))
+    if dtype is not torch.float32 and not cuda:  # the same run's fp32 eager step: what the CPU's bf16 units gain
+        models["ours fp32"] = (copy.deepcopy(ours), replace(cfg, dtype="float32", compile="off"))
     sec, warmup, profile = train_steps(models, batches, device, opt.steps, opt.profile)
     ratio = sec["ours"] / sec["nn.Transformer"]
     train_tok_s = useful / sec["ours"]
-    print(f"training ({str(dtype)[6:]}{' + torch.compile' if cuda else ', eager'}, {cfg.max_tokens}-token batches, "
+    compiled = compiles(cfg, device)
+    print(f"training ({str(dtype)[6:]}{' + torch.compile' if compiled else ', eager'}, {cfg.max_tokens}-token batches, "
           f"{useful:.0f} useful target tokens of {padded:.0f} padded per step):")
     for key, s in sec.items():
         print(f"  {key:15s} {s * 1e3:8.1f} ms/step  {useful / s:10.0f} target tok/s")
     if "ours fp32" in sec:
-        print(f"  ours {str(dtype)[6:]} / ours fp32: {sec['ours fp32'] / sec['ours']:.2f}x the tokens/s")
+        print(f"  ours {str(dtype)[6:]} / ours fp32 eager: {sec['ours fp32'] / sec['ours']:.2f}x the tokens/s")
     peak, how = peak_flops(device, dtype)
     mfu = flops / sec["ours"] / peak  # on a CPU too: how far the step is from the chip's matmul rate
     print(f"  MFU {mfu:.1%} ({flops / sec['ours'] / 1e9:.1f} GFLOP/s of {peak / 1e9:.0f}, peak {how})")
     print(f"  time per step ours / nn.Transformer = {ratio:.3f}")
-    print(f"  warmup steps{', compilation included' if cuda else ''}: "
+    print(f"  warmup steps{', compilation included' if compiled else ''}: "
           + ", ".join(f"{key} {s:.1f} s" for key, s in warmup.items()))
     if profile:
         print(profile)

@@ -217,6 +217,8 @@ def check(cfg: Config) -> None:
             raise UserError(f"--{name} must not be negative")
     if cfg.tokenizer not in ("bpe", "word"):
         raise UserError(f"--tokenizer must be 'bpe' or 'word', got {cfg.tokenizer!r}")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise UserError(f"--compile must be auto, on or off, got {cfg.compile!r}")
     if cfg.finetune not in ("", "head", "all"):
         raise UserError(f"--finetune must be 'head' or 'all', got {cfg.finetune!r}")
     if cfg.finetune and not cfg.init_from:
@@ -260,6 +262,11 @@ def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {want!r}")
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
     return dtype, dtype is torch.float16 and kind == "cuda"
+
+
+def compiles(cfg: Config, device: str) -> bool:
+    """--compile: auto compiles on CUDA only (on a CPU it has not paid off: README, Speed)."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda"))
 
 
 def run_main(main) -> None:

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import atomic_save, build_model, checkpoint_path, read_checkpoint
-from config import MODEL_KEYS, Config, UserError, get_config, pick_device, precision, run_main, split_preset
+from config import MODEL_KEYS, Config, UserError, compiles, get_config, pick_device, precision, run_main, split_preset
 from dataset import Tokenizer, load_data, log
 from model import Transformer
 from translate import score, translate_sentences
@@ -189,7 +189,7 @@ def wrap(model: Transformer, cfg: Config, device: str, world: int) -> torch.nn.M
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.compile == "on" or (cfg.compile == "auto" and cuda):
+    if compiles(cfg, device):
         # Batch shapes change every step: compile for dynamic shapes from the start. (The default compiles for the
         # first shape, then again for dynamic ones: 58 s against 41 s for the tiny model's forward and backward on a
         # CPU. One more compile can follow if sizes in the first batch happened to be equal.)

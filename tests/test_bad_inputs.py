@@ -450,6 +450,7 @@ TRAIN_ERRORS = [
     case("d-model-not-divisible", ["--d_model=30", "--n_heads=4"], ["--d_model", "--n_heads"]),
     case("finetune-without-init", ["--finetune=head"], ["--init_from"]),
     case("finetune-bogus", ["--finetune=bogus"], ["bogus"]),
+    case("compile-bogus", ["--compile=yes"], ["--compile", "yes"]),
     case("same-languages", ["--tgt_lang=en"], ["--tgt_lang"]),
     case("device-tpu", ["--device=tpu"], ["tpu"]),
     case("other-language-pair", ["--src_lang=fr"], ["train.fr"]),
