@@ -213,10 +213,11 @@ def test_dropout_zeros_p_and_rescales_the_rest():
     torch.testing.assert_close(y.unique(), torch.tensor([0.0, 1 / 0.7]))
     assert abs((y == 0).float().mean().item() - 0.3) < 0.01 and abs(y.mean().item() - 1.0) < 0.02
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
-    # two masks come from each 32-bit draw: its halves must be independent (both dropped with probability p^2),
-    # and any shape works, an odd number of elements included
+    # four masks come from each 64-bit draw: its quarters must be independent (neighbours both dropped with
+    # probability p^2, whichever quarters they are), and any shape works, a number of elements not divisible by 4 too
     y = drop.train()(torch.ones(3, 66_667)).flatten()
-    assert abs(((y[:-1:2] == 0) & (y[1::2] == 0)).float().mean().item() - 0.09) < 0.005
+    for first in range(4):
+        assert abs(((y[first:-1:4] == 0) & (y[first + 1::4] == 0)).float().mean().item() - 0.09) < 0.005
     assert abs((y == 0).float().mean().item() - 0.3) < 0.01
 
 
