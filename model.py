@@ -78,7 +78,8 @@ class Dropout(nn.Module):
     ~15% of a small model's training step), so each 64-bit draw gives four masks: its 16-bit quarters are uniform,
     and an element is dropped where its quarter falls in the lowest p of the 16-bit range (p rounded to 1/65536).
     torch's CPU generator takes about as long for a 64-bit number as for a 32-bit one, so 261k masks take 0.35 ms,
-    against 0.72 ms with two masks per 32-bit draw and 0.98 ms for rand_like. Other devices keep F.dropout's kernel."""
+    against 0.72 ms with two masks per 32-bit draw and 0.98 ms for rand_like. Other devices and compiled code keep
+    F.dropout (dynamo cannot trace the in-place random_: every dropout would split the graph, README, Speed)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -87,7 +88,7 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             return F.dropout(x, self.p, training=True)
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
         keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= round(self.p * 2**16) - 2**15

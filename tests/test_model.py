@@ -314,3 +314,8 @@ def test_training_forward_compiles_to_one_graph_for_any_shape(pre_norm):
     for n, seed in ((3, 0), (5, 1), (2, 2)):
         src, tgt = random_batch(n, seed)[0], random_batch(n, seed + 10, lo=1)[0]
         torch.testing.assert_close(compiled(src, tgt), model(src, tgt))
+    # with dropout on (a CPU's Dropout draws its masks with an in-place random_, which dynamo cannot trace),
+    # fullgraph=True raises at any graph break
+    torch._dynamo.reset()
+    torch.compile(make_model(pre_norm=pre_norm, dropout=0.3).train(), fullgraph=True, dynamic=True,
+                  backend="eager")(src, tgt).sum().backward()
