@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class TokenEmbedding(nn.Module):
@@ -143,8 +142,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
 
 
 def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
-                   dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
-    """softmax(Q K^T / sqrt(d_k)) V, written out (section 3.2.1). Returns the output and the weights."""
+                   dropout: nn.Module = nn.Identity()) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d_k)) V, written out (section 3.2.1), with dropout on the weights. Returns the output
+    and the weights (before dropout)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if is_causal:
         T, S = scores.shape[-2:]
@@ -152,7 +152,7 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_caus
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout_p) @ v, weights
+    return dropout(weights) @ v, weights
 
 
 class MultiHeadAttention(nn.Module):
@@ -165,7 +165,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool = False):
         super().__init__()
         assert d_model % n_heads == 0, "d_model must be divisible by n_heads"
-        self.n_heads, self.d_k, self.cross, self.dropout = n_heads, d_model // n_heads, cross, dropout
+        self.n_heads, self.d_k, self.cross = n_heads, d_model // n_heads, cross
+        self.dropout = Dropout(dropout)  # on the attention weights
         if cross:
             self.w_q = nn.Linear(d_model, d_model)
             self.w_kv = nn.Linear(d_model, 2 * d_model)
@@ -194,16 +195,15 @@ class MultiHeadAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
-        dropout_p = self.dropout if self.training else 0.0
-        if weights is None:
-            # On a CPU in bf16 the flash kernel's backward takes 3-4x the math kernel's (README, Speed): training
-            # there takes the math one; decoding and fp32 keep torch's choice, flash, which is then the faster.
-            slow_flash = q.requires_grad and q.device.type == "cpu" and q.dtype != torch.float32
-            with sdpa_kernel(SDPBackend.MATH) if slow_flash else contextlib.nullcontext():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        # On a CPU, bf16 training takes the math written out: there SDPA's flash kernel trains 3-4x slower, and its
+        # math kernel computes in fp32 (copying Q, K, V and back) and draws dropout with bernoulli_ (README, Speed).
+        if weights is not None or (q.requires_grad and q.device.type == "cpu" and q.dtype != torch.float32):
+            out, w = attention_math(q, k, v, mask, is_causal, self.dropout)
+            if weights is not None:
+                weights.append(w)
         else:
-            out, w = attention_math(q, k, v, mask, is_causal, dropout_p)
-            weights.append(w)
+            dropout_p = self.dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         return self.w_o(out.transpose(1, 2).reshape(B, T, d_model))  # (B, T, d_model): heads concatenated
 
 
@@ -347,10 +347,22 @@ class Transformer(nn.Module):
     def src_mask(self, src: Tensor) -> Tensor:
         return (src != self.pad_id)[:, None, None, :]  # (B, 1, 1, S): True where the key is a real token
 
+    def embed(self, embedding: TokenEmbedding, ids: Tensor, start: int = 0) -> Tensor:
+        """Token embeddings + positional encoding, then dropout (section 5.4): the residual stream (B, T, d_model).
+        Under bf16 autocast the stream stays in bf16 (as in Megatron-LM's bf16 training), so that each sublayer's
+        matrix product takes it as it is instead of casting it again, and adds and norms move half the bytes
+        (README, Speed); LayerNorm still computes in fp32 inside, and every weight stays fp32. fp16's narrow range
+        could overflow in the stream, so under fp16 autocast it stays fp32."""
+        x = self.positional(embedding(ids), start)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) is torch.bfloat16:
+            x = x.to(torch.bfloat16)
+        return self.dropout(x)
+
     def encode(self, src: Tensor, maps: dict | None = None) -> tuple[Tensor, Tensor]:
         """src (B, S) -> memory (B, S, d_model) and its mask, reused by every decoding step."""
         src_mask = self.src_mask(src)
-        x = self.dropout(self.positional(self.src_embed(src)))
+        x = self.embed(self.src_embed, src)
         for layer in self.encoder:
             x = layer(x, src_mask, maps)
         return self.encoder_norm(x), src_mask
@@ -359,7 +371,7 @@ class Transformer(nn.Module):
                maps: dict | None = None) -> Tensor:
         """tgt_in (B, T) -> logits (B, T, vocab). With a cache, tgt_in holds only the new positions."""
         start = cache.length if cache is not None else 0
-        x = self.dropout(self.positional(self.tgt_embed(tgt_in), start))
+        x = self.embed(self.tgt_embed, tgt_in, start)
         for i, layer in enumerate(self.decoder):
             x = layer(x, memory, src_mask, cache.layers[i] if cache is not None else None, maps)
         return self.generator(self.decoder_norm(x))

@@ -138,6 +138,50 @@ def test_sdpa_path_equals_math_path():
     assert torch.allclose(model.decode(tgt, memory, src_mask, maps=maps), model(src, tgt), atol=1e-5)
 
 
+def test_bf16_autocast_keeps_the_residual_stream_in_bf16():
+    """Under bf16 autocast the stream between sublayers is bf16 (no cast before every matrix product), the weights
+    stay fp32 and the logits agree with fp32 to bf16's precision; under fp16 the stream stays fp32 (its range)."""
+    model = make_model()
+    src, _ = random_batch(4, 1)
+    tgt, _ = random_batch(4, 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        memory, _ = model.encode(src)
+        logits = model(src, tgt).float()
+    assert memory.dtype is torch.bfloat16 and all(p.dtype is torch.float32 for p in model.parameters())
+    fp32 = model(src, tgt)
+    torch.testing.assert_close(logits, fp32, atol=0.05 * fp32.abs().max().item(), rtol=0.05)
+    with torch.autocast("cpu", torch.float16):
+        assert model.encode(src)[0].dtype is torch.float32
+
+
+def test_cpu_bf16_training_attention_is_the_math_path(monkeypatch):
+    """bf16 training on a CPU takes attention_math, with the layer's own dropout on the weights: the same output and
+    gradients as SDPA in fp32, to bf16's precision."""
+    import model as model_module
+    calls = []
+    monkeypatch.setattr(model_module, "attention_math", lambda *a: calls.append(a[-1]) or attention_math(*a))
+    torch.manual_seed(0)
+    attn, x = MultiHeadAttention(32, 4, dropout=0.0).train(), torch.randn(3, 7, 32)
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    for is_causal in (False, True):
+        results = []
+        for bf16 in (False, True):
+            attn.zero_grad()
+            h = x.clone().requires_grad_()
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = attn(h, mask=None if is_causal else mask, is_causal=is_causal).float()
+            out.square().sum().backward()
+            results.append((out, h.grad, attn.w_qkv.weight.grad))
+        for fp32, bf16 in zip(*results):
+            torch.testing.assert_close(bf16, fp32, atol=0.03 * fp32.abs().max().item(), rtol=0.03)
+    assert calls == [attn.dropout, attn.dropout]  # the bf16 runs only
+    attn.dropout.p = 0.5
+    with torch.autocast("cpu", torch.bfloat16):
+        h = x.clone().requires_grad_()
+        assert not torch.equal(attn(h, mask=mask), attn(h, mask=mask))  # attention dropout is drawn
+
+
 @pytest.mark.parametrize("beam", [1, 3])
 def test_cached_decoding_equals_full_recomputation(beam):
     model = make_model(seed=1)
@@ -314,8 +358,9 @@ def test_training_forward_compiles_to_one_graph_for_any_shape(pre_norm):
     for n, seed in ((3, 0), (5, 1), (2, 2)):
         src, tgt = random_batch(n, seed)[0], random_batch(n, seed + 10, lo=1)[0]
         torch.testing.assert_close(compiled(src, tgt), model(src, tgt))
-    # with dropout on (a CPU's Dropout draws its masks with an in-place random_, which dynamo cannot trace),
-    # fullgraph=True raises at any graph break
+    # with dropout on (a CPU's Dropout draws its masks with an in-place random_, which dynamo cannot trace) and
+    # in bf16 (the stream's dtype and the attention path are chosen in Python), fullgraph=True raises at any break
     torch._dynamo.reset()
-    torch.compile(make_model(pre_norm=pre_norm, dropout=0.3).train(), fullgraph=True, dynamic=True,
-                  backend="eager")(src, tgt).sum().backward()
+    with torch.autocast("cpu", torch.bfloat16):
+        torch.compile(make_model(pre_norm=pre_norm, dropout=0.3, attn_dropout=0.1).train(), fullgraph=True,
+                      dynamic=True, backend="eager")(src, tgt).float().sum().backward()
