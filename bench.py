@@ -48,7 +48,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L
 class Options:
     preset: str = "base"  # the model size to measure
     device: str = "auto"
-    steps: int = 20  # timed training steps per model (after warmup)
+    steps: int = 20  # timed training steps per model (after warmup), each on a different batch of an epoch
     sentences: int = 1000  # test sentences to decode
     uncached: int = 100  # of which this many also without the KV cache (slow: quadratic in the output length)
     ckpt: str = ""  # decode with these trained weights (default: the untrained model, which runs to max length)
@@ -130,13 +130,13 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
     return 10 * 2 * n ** 3 / (clock(device) - t), f"measured {n}x{n} matmul"
 
 
-def train_steps(models: dict, batches: list, device: str, steps: int, profile: int = 0) -> tuple[dict, dict, str]:
-    """Median seconds per training step of each model, timed in alternating rounds so that all see the same machine
-    load (a CPU is noisy). models: name -> (model, its Config); batches: ((src, tgt_in, labels), target tokens). Each
-    takes train.py's own step (train_step: schedule, dropout seed, loss, clipping, fused AdamW) on the same batches,
-    in the precision its Config gives train.py. Also the seconds of each model's warmup steps (compilation included),
-    and with profile > 0 the profiler's table of the most expensive operations over that many more steps of the
-    first model."""
+def train_steps(models: dict, batches: list, device: str, profile: int = 0) -> tuple[dict, dict, str]:
+    """Mean seconds per training step of each model over all the batches, once each (train.py's tokens/s is a mean
+    too, slow steps included), timed in alternating rounds so that all see the same machine load (a CPU is noisy).
+    models: name -> (model, its Config); batches: ((src, tgt_in, labels), target tokens). Each takes train.py's own
+    step (train_step: schedule, dropout seed, loss, clipping, fused AdamW) on the same batches, in the precision its
+    Config gives train.py. Also the seconds of each model's warmup steps (compilation included), and with profile > 0
+    the profiler's table of the most expensive operations over that many more steps of the first model."""
     cuda = device.startswith("cuda")
     setups = {}
     for name, (model, cfg) in models.items():
@@ -153,21 +153,24 @@ def train_steps(models: dict, batches: list, device: str, steps: int, profile: i
         train_step(fn, model, optimizer, scaler, [tensors], n_tokens, cfg, autocast, step=taken[name])
         taken[name] += 1
 
+    # Warmup: compilation, allocator and first-touch, and one step on each shape of the timed batches. oneDNN (bf16
+    # on a CPU) and cuBLAS choose kernels per shape, and an epoch of train.py has only a few dozen shapes: it meets
+    # each one for the first time in its first epoch and then always has them ready.
+    shapes = {(tensors[0].shape, tensors[1].shape): (tensors, n) for tensors, n in batches}
     warmup = {}
-    for name in setups:  # warmup: compilation, allocator, first-touch
+    for name in setups:
         t = clock(device)
-        for batch in batches[:max(3, min(len(batches), 8 if cuda else 2))]:
+        for batch in [batches[0], *shapes.values()]:
             step(name, batch)
         warmup[name] = clock(device) - t
-    times = {name: [] for name in setups}
-    rounds = max(1, min(steps, 5))
-    per_round = max(1, steps // rounds)
+    times = dict.fromkeys(setups, 0.0)
+    rounds = min(len(batches), 5)
     for r in range(rounds):
         for name in setups:
             t = clock(device)
-            for i in range(per_round):
-                step(name, batches[(r * per_round + i) % len(batches)])
-            times[name].append((clock(device) - t) / per_round)
+            for batch in batches[r * len(batches) // rounds:(r + 1) * len(batches) // rounds]:
+                step(name, batch)
+            times[name] += clock(device) - t
     table = ""
     if profile:
         from torch.profiler import ProfilerActivity
@@ -187,7 +190,7 @@ def train_steps(models: dict, batches: list, device: str, steps: int, profile: i
                          sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15))
         except Exception as e:
             table = f"profile: unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    return {name: statistics.median(ts) for name, ts in times.items()}, warmup, table
+    return {name: t / len(batches) for name, t in times.items()}, warmup, table
 
 
 def decode_time(model: Transformer, tok, texts: list[str], beam: int, use_cache: bool,
@@ -360,7 +363,8 @@ def main(argv: list[str]) -> None:
     theirs = TorchTransformer(cfg, tok.vocab_size, tok.pad_id).to(device).train()
     print(f"parameters: ours {ours.num_parameters() / 1e6:.2f}M, nn.Transformer "
           f"{sum(p.numel() for p in theirs.parameters()) / 1e6:.2f}M")
-    index = data.train.batches(cfg.max_tokens, seed=0, epoch=0)[:max(opt.steps, 10)]
+    epoch = data.train.batches(cfg.max_tokens, seed=0, epoch=0)  # shuffled: a spread of it is a random sample
+    index = [epoch[i * len(epoch) // opt.steps] for i in range(opt.steps)]  # spread over the epoch: its mix of shapes
     batches = [(data.train.batch(idx, device), float(data.train.tgt_len[idx].sum())) for idx in index]
     useful = statistics.mean(n for _, n in batches)
     flops = statistics.mean(ours.estimate_flops(data.train.src_len[idx], data.train.tgt_len[idx]) for idx in index)
@@ -369,12 +373,13 @@ def main(argv: list[str]) -> None:
     models = {"ours": (ours, cfg), "nn.Transformer": (theirs, cfg)}
     if dtype is not torch.float32 and not cuda:  # the same run's fp32 eager step: what the CPU's bf16 units gain
         models["ours fp32"] = (copy.deepcopy(ours), replace(cfg, dtype="float32", compile="off"))
-    sec, warmup, profile = train_steps(models, batches, device, opt.steps, opt.profile)
+    sec, warmup, profile = train_steps(models, batches, device, opt.profile)
     ratio = sec["ours"] / sec["nn.Transformer"]
     train_tok_s = useful / sec["ours"]
     compiled = compiles(cfg, device)
     print(f"training ({str(dtype)[6:]}{' + torch.compile' if compiled else ', eager'}, {cfg.max_tokens}-token batches, "
-          f"{useful:.0f} useful target tokens of {padded:.0f} padded per step):")
+          f"{useful:.0f} useful target tokens of {padded:.0f} padded per step, mean over {len(index)} of an epoch's "
+          f"{len(epoch)} batches):")
     for key, s in sec.items():
         print(f"  {key:15s} {s * 1e3:8.1f} ms/step  {useful / s:10.0f} target tok/s")
     if "ours fp32" in sec:

@@ -104,6 +104,7 @@ def test_bench_runs_in_minimal_mode(trained):
     out = r.stdout.decode()
     assert "profile: 1 training step(s) of ours" in out and "aten::" in out  # the profiler's table of operations
     assert re.search(r"warmup steps: ours \d+\.\d s, nn.Transformer \d+\.\d s", out), out
+    assert re.search(r"mean over 2 of an epoch's \d+ batches", out), out  # --steps distinct batches, each timed once
     assert re.search(r"MFU \d+\.\d% \(.* GFLOP/s of \d+, peak measured 2048x2048 matmul\)", out), out
     if "training (bfloat16" in out:  # a CPU with AMX: ours in fp32 is timed in the same rounds
         assert re.search(r"ours bfloat16 / ours fp32 eager: \d+\.\d\dx the tokens/s", out), out
