@@ -363,8 +363,8 @@ def main(argv: list[str]) -> None:
     theirs = TorchTransformer(cfg, tok.vocab_size, tok.pad_id).to(device).train()
     print(f"parameters: ours {ours.num_parameters() / 1e6:.2f}M, nn.Transformer "
           f"{sum(p.numel() for p in theirs.parameters()) / 1e6:.2f}M")
-    epoch = data.train.batches(cfg.max_tokens, seed=0, epoch=0)  # shuffled: a spread of it is a random sample
-    index = [epoch[i * len(epoch) // opt.steps] for i in range(opt.steps)]  # spread over the epoch: its mix of shapes
+    epoch = data.train.batches(cfg.max_tokens, seed=0, epoch=0)  # seeded and shuffled, as train.py plans one
+    index = [epoch[i * len(epoch) // opt.steps] for i in range(opt.steps)]  # spread over it: the epoch's mix of shapes
     batches = [(data.train.batch(idx, device), float(data.train.tgt_len[idx].sum())) for idx in index]
     useful = statistics.mean(n for _, n in batches)
     flops = statistics.mean(ours.estimate_flops(data.train.src_len[idx], data.train.tgt_len[idx]) for idx in index)
