@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -32,8 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import export
 from checkpoint import load_model
-from config import PRESETS, Config, UserError, check, compiles, parse_args, pick_device, precision, run_main
+from config import Config, UserError, check, compiles, get_config, parse_args, pick_device, precision, run_main
 from dataset import encode_sources, load_data, log, pad_rows
 from model import KVCache, PositionalEncoding, TokenEmbedding, Transformer
 from train import make_optimizer, train_step
@@ -131,12 +133,10 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
 
 
 def train_steps(models: dict, batches: list, device: str, profile: int = 0) -> tuple[dict, dict, str]:
-    """Mean seconds per training step of each model over all the batches, once each (train.py's tokens/s is a mean
-    too, slow steps included), timed in alternating rounds so that all see the same machine load (a CPU is noisy).
-    models: name -> (model, its Config); batches: ((src, tgt_in, labels), target tokens). Each takes train.py's own
-    step (train_step: schedule, dropout seed, loss, clipping, fused AdamW) on the same batches, in the precision its
-    Config gives train.py. Also the seconds of each model's warmup steps (compilation included), and with profile > 0
-    the profiler's table of the most expensive operations over that many more steps of the first model."""
+    """Mean seconds per training step of each model over the batches, each once (train.py's tokens/s is a mean too),
+    in alternating rounds so that all see the same machine load. models: name -> (model, its Config); batches:
+    ((src, tgt_in, labels), target tokens). Each model takes train.py's own train_step in its Config's precision.
+    Also each model's warmup seconds, and with profile > 0 the profiler's table over that many steps of the first."""
     cuda = device.startswith("cuda")
     setups = {}
     for name, (model, cfg) in models.items():
@@ -153,9 +153,8 @@ def train_steps(models: dict, batches: list, device: str, profile: int = 0) -> t
         train_step(fn, model, optimizer, scaler, [tensors], n_tokens, cfg, autocast, step=taken[name])
         taken[name] += 1
 
-    # Warmup: compilation, allocator and first-touch, and one step on each shape of the timed batches. oneDNN (bf16
-    # on a CPU) and cuBLAS choose kernels per shape, and an epoch of train.py has only a few dozen shapes: it meets
-    # each one for the first time in its first epoch and then always has them ready.
+    # Warmup: compilation, allocation, and one step per shape of the timed batches: oneDNN (bf16 on a CPU) and cuBLAS
+    # choose kernels per shape, and train.py meets an epoch's few dozen shapes again in every epoch.
     shapes = {(tensors[0].shape, tensors[1].shape): (tensors, n) for tensors, n in batches}
     warmup = {}
     for name in setups:
@@ -260,9 +259,6 @@ def ctranslate2_rows(ckpt: str, texts: list[str], refs: list[str], ours: dict) -
     except ImportError:
         print("CTranslate2: not installed (pip install ctranslate2), comparison skipped")
         return
-    import tempfile
-
-    import export
     with tempfile.TemporaryDirectory() as tmp:
         for quantization in ("float32", "int8"):
             path = export.export(ckpt, os.path.join(tmp, quantization), quantization.replace("float32", ""))
@@ -340,14 +336,12 @@ def main(argv: list[str]) -> None:
     opt, _ = parse_args(argv, Options())
     if opt.data_pairs:
         return bench_data(opt)
-    if opt.preset not in PRESETS:
-        raise UserError(f"unknown preset {opt.preset!r}; choose one of: {', '.join(PRESETS)}")
     if opt.steps <= 0 or opt.sentences <= 0 or opt.profile < 0:
         raise UserError("--steps and --sentences must be positive, --profile not negative")
     device = pick_device(opt.device)
-    cfg = replace(Config(), **PRESETS[opt.preset], device=device, dtype=opt.dtype, compile=opt.compile)
-    cfg = replace(cfg, data_dir=opt.data_dir if os.path.isdir(opt.data_dir) else cfg.data_dir,
-                  max_tokens=opt.max_tokens or cfg.max_tokens)
+    cfg = get_config([f"--preset={opt.preset}"])  # an unknown preset: one line naming the valid ones
+    cfg = replace(cfg, device=device, dtype=opt.dtype, compile=opt.compile, max_tokens=opt.max_tokens or cfg.max_tokens,
+                  data_dir=opt.data_dir if os.path.isdir(opt.data_dir) else cfg.data_dir)
     check(cfg)
     torch.manual_seed(0)
     cuda = device.startswith("cuda")

@@ -54,12 +54,12 @@ def strip_prefixes(state: dict) -> dict:
     return state
 
 
-def build_model(ckpt: dict, device: str = "cpu", verbose: bool = False):
+def build_model(ckpt: dict, device: str = "cpu"):
     """The model and tokenizer described by a checkpoint, with its weights loaded: (Transformer, Tokenizer)."""
     from dataset import Tokenizer  # here, not at the top: dataset.py writes its caches with atomic_save below
     try:
         cfg, tok = config_from_dict(ckpt["config"]), Tokenizer.from_str(ckpt["tokenizer"])
-        model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=verbose)
+        model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
         model.load_state_dict(strip_prefixes(ckpt["model"]))
     except UserError:
         raise

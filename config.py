@@ -93,20 +93,11 @@ class Config:
     tensorboard: bool = True  # write TensorBoard logs to out_dir/tb
 
 
-# The Multi30k recipe (README, "Translation quality"): a small model (7.6M parameters) with dropout 0.3 and none
-# inside the feed-forward layer, 2k-token batches (about 230 updates per epoch), a short warmup to a high learning
-# rate, and the average of the last validations' weights. Chosen on validation BLEU on 2-core CPUs, where an hour
-# holds 1,000-2,800 steps of 4k tokens: against the earlier `tiny` (dropout 0.2, also in the FFN) it is behind at
-# 400 and 800 steps but ahead from 1,000 (32.4, where tiny peaked at 32.3 after 1,200 and then overfit). Halving the
-# batch costs nothing per token on a CPU (1.41 s against 2.92 s a step) and learns more from each: after the same
-# tokens (1,200 steps against 600) validation said 30.24 against 23.61 with 4k-token batches. The last 30% of the
-# budget (--max_minutes=60 on a CPU) takes the lr to 0: at a high lr the weights end noisy (de->en lost 1.1 BLEU
-# over its last 240 steps); annealed, en->de ended at 33.71 validation BLEU against 32.95. A peak lr of 3e-3 rather
-# than 1.5e-3 learns faster early and ends higher: 38.39 validation BLEU after 60 minutes against 37.72 (the Xeon,
-# bf16, same seed; validation loss 1.786 against 1.843). With the faster step of commit a056f16 an hour holds 7,810
-# steps (34 epochs) and the weights of the last 10 validations (from step 4,400) average to the best validation BLEU:
-# 39.56, against 39.28 for the last 5, 39.03 for the last 4 and 39.33 for the best single one. A GPU runs the same
-# recipe.
+# The Multi30k recipe, each choice measured on validation BLEU on 2-core CPUs (README, "Translation quality"): a small
+# model (7.6M parameters) with dropout 0.3 and none inside the feed-forward layer; 2k-token batches (a CPU's step
+# costs the same per token at half the size, and learns more from each); a short warmup to a high learning rate; a
+# cooldown over the last 30% of the budget (annealed weights, not noisy ones); and the average of the last 10
+# validations' weights. A GPU runs the same recipe.
 _MULTI30K = dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, dropout=0.3,
                  attn_dropout=0.0, act_dropout=0.0, max_tokens=2048, lr=3e-3, warmup_steps=600, vocab_size=8000,
                  beam_size=5, max_epochs=100, eval_interval=400, log_interval=20, avg_last=10, cooldown=0.3)
@@ -196,6 +187,9 @@ def get_config(argv: list[str], base: dict | None = None) -> Config:
     return cfg
 
 
+CHOICES = {"tokenizer": ("bpe", "word"), "compile": ("auto", "on", "off"), "finetune": ("", "head", "all")}
+
+
 def check(cfg: Config) -> None:
     """Values that parse but cannot work."""
     positive = ["d_model", "n_heads", "d_ff", "max_tokens", "grad_accum", "vocab_size", "max_len", "beam_size",
@@ -215,12 +209,9 @@ def check(cfg: Config) -> None:
     for name in ("max_steps", "max_epochs", "max_minutes", "warmup_steps", "eval_interval", "patience", "avg_last"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative")
-    if cfg.tokenizer not in ("bpe", "word"):
-        raise UserError(f"--tokenizer must be 'bpe' or 'word', got {cfg.tokenizer!r}")
-    if cfg.compile not in ("auto", "on", "off"):
-        raise UserError(f"--compile must be auto, on or off, got {cfg.compile!r}")
-    if cfg.finetune not in ("", "head", "all"):
-        raise UserError(f"--finetune must be 'head' or 'all', got {cfg.finetune!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(cfg, name)!r}")
     if cfg.finetune and not cfg.init_from:
         raise UserError("--finetune needs --init_from=CHECKPOINT")
     if cfg.src_lang == cfg.tgt_lang:
@@ -248,9 +239,8 @@ def pick_device(name: str) -> str:
 
 def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, whether fp16 needs a gradient scaler), for training and decoding alike.
-    auto: bf16 on CUDA (else fp16); on a CPU bf16 only with AMX, the bf16 matrix units that multiply 1.7-2.9x faster
-    than fp32 (README, Speed: training 1.85-1.90x the tokens/s, beam search 1.3x): elsewhere bf16 is emulated and
-    slower."""
+    auto: bf16 on CUDA (else fp16); on a CPU bf16 only with AMX, the bf16 matrix units (README, Speed: training 2.2x
+    the tokens/s of fp32, beam search 1.3x); elsewhere bf16 is emulated and slower."""
     kind = device.split(":")[0]
     want = cfg.dtype
     if want == "auto" and kind == "cuda":

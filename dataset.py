@@ -298,9 +298,6 @@ class Tokenizer:
     def tokens(self, text: str) -> list[str]:
         return self.tok.encode(text, add_special_tokens=False).tokens
 
-    def normalize(self, text: str) -> str:
-        return self.tok.normalizer.normalize_str(text)
-
 
 # ---------------------------------------------------------------- batches
 

@@ -15,7 +15,6 @@ model.py knows nothing of files, tokenizers or command lines: token ids in, toke
 """
 import contextlib
 import math
-import sys
 
 import torch
 import torch.nn as nn
@@ -73,12 +72,10 @@ class LayerNorm(nn.Module):
 
 class Dropout(nn.Module):
     """Zero each element with probability p and scale the rest by 1 / (1 - p) in training (Srivastava et al.,
-    2014), as nn.Dropout does. On a CPU drawing the random numbers is most of the cost (torch's bernoulli_ took
-    ~15% of a small model's training step), so each 64-bit draw gives four masks: its 16-bit quarters are uniform,
-    and an element is dropped where its quarter falls in the lowest p of the 16-bit range (p rounded to 1/65536).
-    torch's CPU generator takes about as long for a 64-bit number as for a 32-bit one, so 261k masks take 0.35 ms,
-    against 0.72 ms with two masks per 32-bit draw and 0.98 ms for rand_like. Other devices and compiled code keep
-    F.dropout (dynamo cannot trace the in-place random_: every dropout would split the graph, README, Speed)."""
+    2014), as nn.Dropout does. On a CPU drawing the random numbers is most of the cost, and torch's generator takes
+    about as long for a 64-bit number as for a 32-bit one, so each 64-bit draw gives four masks: its 16-bit quarters
+    are uniform, and an element is dropped where its quarter falls in the lowest p of the 16-bit range (p rounded to
+    1/65536; README, Speed). Other devices and compiled code keep F.dropout (dynamo cannot trace random_)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -110,9 +107,8 @@ class FeedForward(nn.Module):
 class SmoothedCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(logits.float(), labels, ignore_index, label_smoothing=eps, reduction="sum") for (N, vocab)
     logits, a block of rows at a time: each row's loss is logsumexp(z) - (1 - eps) z[label] - eps mean(z), and its
-    gradient softmax(z) - (1 - eps) onehot(label) - eps / vocab. The (N, vocab) fp32 log-probabilities (64 MB for 2k
-    tokens of an 8k vocabulary) are never stored, and the gradient is written in the logits' dtype (bf16 under
-    autocast). On a CPU, forward and backward for 2k tokens took 33 ms against 109 in bf16, 65 against 123 in fp32."""
+    gradient softmax(z) - (1 - eps) onehot(label) - eps / vocab. The (N, vocab) fp32 log-probabilities are never
+    stored, and the gradient is written in the logits' dtype: on a CPU a third of F.cross_entropy's time in bf16."""
     ROWS = 64  # 64 rows x 8k words in fp32 = 2 MB: a block stays in the core's cache between its passes
 
     @staticmethod
@@ -291,7 +287,7 @@ class KVCache:
 class Transformer(nn.Module):
     """The encoder-decoder. Built from a Config (config.py) and the tokenizer's vocabulary size and special ids."""
 
-    def __init__(self, cfg, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, verbose: bool = True):
+    def __init__(self, cfg, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
         super().__init__()
         self.cfg, self.pad_id, self.bos_id, self.eos_id = cfg, pad_id, bos_id, eos_id
         d = cfg.d_model
@@ -311,8 +307,6 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.generator.weight = self.src_embed.embedding.weight
-        if verbose:
-            print(f"model: {self.num_parameters() / 1e6:.2f}M parameters", file=sys.stderr)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Xavier for projections keeps activations at unit scale through the stack; embeddings get
@@ -349,10 +343,9 @@ class Transformer(nn.Module):
 
     def embed(self, embedding: TokenEmbedding, ids: Tensor, start: int = 0) -> Tensor:
         """Token embeddings + positional encoding, then dropout (section 5.4): the residual stream (B, T, d_model).
-        Under bf16 autocast the stream stays in bf16 (as in Megatron-LM's bf16 training), so that each sublayer's
-        matrix product takes it as it is instead of casting it again, and adds and norms move half the bytes
-        (README, Speed); LayerNorm still computes in fp32 inside, and every weight stays fp32. fp16's narrow range
-        could overflow in the stream, so under fp16 autocast it stays fp32."""
+        Under bf16 autocast the stream is bf16 (as in Megatron-LM), so that matrix products take it without a cast
+        and adds and norms move half the bytes (README, Speed); LayerNorm computes in fp32 inside, and weights stay
+        fp32. Under fp16 the stream stays fp32: fp16's narrow range could overflow."""
         x = self.positional(embedding(ids), start)
         device = x.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) is torch.bfloat16:

@@ -58,11 +58,8 @@ class SkippedSteps:
     KEYS = ("bad_steps", "worst_bad", "skipped")
 
     def __init__(self, saved: dict, device: str):
-        def counter(key: str) -> torch.Tensor:
-            return torch.full((), float(saved.get(key, 0)), device=device)
-        self.in_row = counter("bad_steps")  # non-finite steps in a row, up to now
-        self.worst = counter("worst_bad")  # the most in a row since the last check
-        self.skipped = counter("skipped")  # how many since the last check
+        # non-finite steps in a row up to now; the most in a row since the last check; how many since then
+        self.in_row, self.worst, self.skipped = (torch.tensor(float(saved.get(k, 0)), device=device) for k in self.KEYS)
 
     def record(self, ok: torch.Tensor) -> None:
         bad = (~ok).float()
@@ -164,7 +161,7 @@ def build(cfg: Config, source: dict | None, tok: Tokenizer, device: str) -> tupl
         model, _ = build_model({**source, "config": asdict(cfg)}, device)
         model.train()
     else:
-        model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=False).to(device)
+        model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id).to(device)
     if cfg.finetune == "head":
         head = {id(p) for p in model.head_parameters()}
         for p in model.parameters():
@@ -190,9 +187,8 @@ def wrap(model: Transformer, cfg: Config, device: str, world: int) -> torch.nn.M
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if compiles(cfg, device):
-        # Batch shapes change every step: compile for dynamic shapes from the start. (The default compiles for the
-        # first shape, then again for dynamic ones: 58 s against 41 s for the tiny model's forward and backward on a
-        # CPU. One more compile can follow if sizes in the first batch happened to be equal.)
+        # Batch shapes change every step: compile for dynamic shapes from the start (the default compiles for the first
+        # shape, then again for dynamic ones: 58 s against 41 s for the tiny model's forward and backward on a CPU).
         model = torch.compile(model, dynamic=True)
     if world > 1:
         return DDP(model, device_ids=[device] if cuda else None)

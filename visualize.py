@@ -13,18 +13,16 @@ import html
 import os
 from dataclasses import dataclass
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")  # files only: works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from checkpoint import load_model
+from config import UserError, parse_args, pick_device, run_main
+from dataset import Tokenizer, encode_sources, log
+from model import Transformer
+from translate import check_text
 
-from checkpoint import load_model  # noqa: E402
-from config import UserError, parse_args, pick_device, run_main  # noqa: E402
-from dataset import Tokenizer, encode_sources, log  # noqa: E402
-from model import Transformer  # noqa: E402
-from translate import check_text  # noqa: E402
-
+plt.switch_backend("Agg")  # files only: works without a display
 KINDS = {"encoder": "encoder self-attention", "decoder": "decoder masked self-attention",
          "cross": "encoder-decoder cross-attention"}
 
@@ -113,33 +111,24 @@ def main(argv: list[str]) -> None:
     chosen = {kind: (pick(opt.layers, cfg.n_encoder_layers if kind == "encoder" else cfg.n_decoder_layers, "layers"),
                      pick(opt.heads, cfg.n_heads, "heads")) for kind in KINDS}
     res = collect(model, tok, sentences[0], opt.beam or cfg.beam_size)
-    try:
-        os.makedirs(opt.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out={opt.out}: {e.strerror or e}") from None
-    paths = []
-    for kind, title in KINDS.items():
-        weights, rows, cols = res[kind]
-        fig = plot_attention(weights, rows, cols, title, *chosen[kind])
-        path = os.path.join(opt.out, f"{kind}.png")
-        try:
-            fig.savefig(path, dpi=80)
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        finally:
-            plt.close(fig)
-        paths.append(path)
     page = ["<!doctype html><meta charset='utf-8'><title>attention</title>",
             f"<h1>{html.escape(sentences[0])}</h1><h2>{html.escape(res['translation'])}</h2>"]
     page += [f"<h3>{KINDS[k]}</h3><img src='{k}.png' style='max-width:100%'>" for k in KINDS]
-    index = os.path.join(opt.out, "index.html")
+    path = opt.out  # the file being written, for the error message
     try:
-        with open(index, "w", encoding="utf-8") as f:
+        os.makedirs(opt.out, exist_ok=True)
+        for kind, title in KINDS.items():
+            path = os.path.join(opt.out, f"{kind}.png")
+            fig = plot_attention(*res[kind], title, *chosen[kind])
+            fig.savefig(path, dpi=80)
+            plt.close(fig)
+        path = os.path.join(opt.out, "index.html")
+        with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(page) + "\n")
     except OSError as e:
-        raise UserError(f"cannot write {index}: {e.strerror or e}") from None
+        raise UserError(f"cannot write {path} (--out={opt.out}): {e.strerror or e}") from None
     log(f"translation: {res['translation']}")
-    print("\n".join(paths + [index]))
+    print("\n".join(os.path.join(opt.out, name) for name in [f"{kind}.png" for kind in KINDS] + ["index.html"]))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def stub_model(calls: list) -> Transformer:
     """A real (tiny) Transformer whose next-token log-probabilities come from TABLE; every call records the
     prefixes it was asked about, one row per hypothesis of the beam."""
     cfg = Config(d_model=8, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=16, max_len=32)
-    model = Transformer(cfg, vocab_size=7, pad_id=PAD, bos_id=BOS, eos_id=EOS, verbose=False).eval()
+    model = Transformer(cfg, vocab_size=7, pad_id=PAD, bos_id=BOS, eos_id=EOS).eval()
 
     def next_logprobs(tokens, memory, src_mask, cache):
         rows = [tuple(t for t in row[1:] if t != PAD) for row in tokens.tolist()]

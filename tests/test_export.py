@@ -72,7 +72,7 @@ def test_untied_random_model(pre_norm, corpus, tmp_path):
                           "bpe", vocab_size=120, min_frequency=2)
     cfg = Config(d_model=32, n_heads=2, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_len=32,
                  pre_norm=pre_norm, tie_embeddings=False, dtype="float32")  # as the export: not bf16 where AMX is
-    model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=False).eval()
+    model = Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)  # LayerNorm gains and biases away from 1 and 0 as well

@@ -27,7 +27,7 @@ SMALL = Config(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(replace(SMALL, **overrides), VOCAB, PAD, BOS, EOS, verbose=False).eval()
+    return Transformer(replace(SMALL, **overrides), VOCAB, PAD, BOS, EOS).eval()
 
 
 def random_batch(n: int, seed: int, lo: int = 3, hi: int = 12) -> tuple[torch.Tensor, list[int]]:

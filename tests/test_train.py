@@ -527,7 +527,7 @@ def test_dataparallel_state_dicts_load_both_ways(tmp_path, trained):
         m, _ = checkpoint.build_model({**ckpt, "model": state})  # strip_prefixes inside
         assert_same_weights(m.state_dict(), plain_state)
         other = torch.nn.DataParallel(
-            model_module.Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, verbose=False))
+            model_module.Transformer(cfg, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id))
         other.module.load_state_dict(checkpoint.strip_prefixes(state))
         assert_same_weights(other.module.state_dict(), plain_state)
         other.eval()
