@@ -39,7 +39,7 @@ class Config:
     # --- tokenizer
     tokenizer: str = "bpe"  # "bpe" (subwords, shared by both languages) or "word" (the classic word vocabulary)
     vocab_size: int = 8000  # 8-10k suits 29k sentence pairs: few unknown words, frequent enough subwords
-    min_frequency: int = 2  # word level: rarer words become <unk>
+    min_frequency: int = 2  # rarer words (word level: they become <unk>) or pairs (BPE: never merged) are not learned
     max_len: int = 128  # most tokens per sentence, BOS/EOS included; longer training pairs are dropped
     # --- model
     d_model: int = 512  # width of every residual stream vector

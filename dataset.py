@@ -264,8 +264,8 @@ class Tokenizer:
         if kind == "bpe":
             tok = HFTokenizer(models.BPE(unk_token="<unk>"))
             tok.pre_tokenizer = pre_tokenizers.Metaspace()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                           show_progress=False)
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                           min_frequency=min_frequency, show_progress=False)
         else:  # classic words, punctuation split off
             tok = HFTokenizer(models.WordLevel(unk_token="<unk>"))
             tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])

@@ -374,6 +374,14 @@ def test_word_level_tokenizer_spaces_punctuation_back():
     assert tok.decode(ids) == ["A man, riding a bike."]
 
 
+def test_min_frequency_applies_to_bpe_merges():
+    """--min_frequency is the tokenizer's for both kinds: BPE learns no merge of a pair seen fewer times."""
+    texts = ["the cat sat on the mat"] * 3 + ["a zebra"]
+    sizes = {n: Tokenizer.train(texts, "bpe", 1000, n).vocab_size for n in (1, 3)}
+    assert sizes[3] < sizes[1]
+    assert Tokenizer.train(texts, "bpe", 1000, 3).tokens("a zebra") == ["▁", "a", "▁", "z", "e", "b", "r", "a"]
+
+
 @pytest.mark.skipif(not os.path.isdir(MULTI30K), reason="Multi30k not available")
 def test_multi30k_tokenizer_round_trip_padding_speed_and_dense_batches(tmp_path, capsys):
     cfg = replace(Config(), data_dir=MULTI30K, cache_dir=str(tmp_path), vocab_size=8000)
