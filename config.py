@@ -239,7 +239,7 @@ def pick_device(name: str) -> str:
 
 def precision(cfg: Config, device: str) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, whether fp16 needs a gradient scaler), for training and decoding alike.
-    auto: bf16 on CUDA (else fp16); on a CPU bf16 only with AMX, the bf16 matrix units (README, Speed: training 2.2x
+    auto: bf16 on CUDA (else fp16); on a CPU bf16 only with AMX, the bf16 matrix units (README, Speed: training 2.1x
     the tokens/s of fp32, beam search 1.3x); elsewhere bf16 is emulated and slower."""
     kind = device.split(":")[0]
     want = cfg.dtype

@@ -343,14 +343,9 @@ class Transformer(nn.Module):
 
     def embed(self, embedding: TokenEmbedding, ids: Tensor, start: int = 0) -> Tensor:
         """Token embeddings + positional encoding, then dropout (section 5.4): the residual stream (B, T, d_model).
-        Under bf16 autocast the stream is bf16 (as in Megatron-LM), so that matrix products take it without a cast
-        and adds and norms move half the bytes (README, Speed); LayerNorm computes in fp32 inside, and weights stay
-        fp32. Under fp16 the stream stays fp32: fp16's narrow range could overflow."""
-        x = self.positional(embedding(ids), start)
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) is torch.bfloat16:
-            x = x.to(torch.bfloat16)
-        return self.dropout(x)
+        It stays fp32 under autocast, where the matrix products take bf16 copies: a bf16 stream rounds every residual
+        sum, and it cost 0.5 test BLEU at equal steps for 3-8% more speed on a CPU (README, Speed)."""
+        return self.dropout(self.positional(embedding(ids), start))
 
     def encode(self, src: Tensor, maps: dict | None = None) -> tuple[Tensor, Tensor]:
         """src (B, S) -> memory (B, S, d_model) and its mask, reused by every decoding step."""
