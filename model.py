@@ -344,7 +344,7 @@ class Transformer(nn.Module):
     def embed(self, embedding: TokenEmbedding, ids: Tensor, start: int = 0) -> Tensor:
         """Token embeddings + positional encoding, then dropout (section 5.4): the residual stream (B, T, d_model).
         It stays fp32 under autocast, where the matrix products take bf16 copies: a bf16 stream rounds every residual
-        sum, and it cost 0.5 test BLEU at equal steps for 3-8% more speed on a CPU (README, Speed)."""
+        sum, and it cost 0.5 test BLEU at equal steps for at most 3% more speed on a CPU (README, Speed)."""
         return self.dropout(self.positional(embedding(ids), start))
 
     def encode(self, src: Tensor, maps: dict | None = None) -> tuple[Tensor, Tensor]:

@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
     page = ["<!doctype html><meta charset='utf-8'><title>attention</title>",
             f"<h1>{html.escape(sentences[0])}</h1><h2>{html.escape(res['translation'])}</h2>"]
     page += [f"<h3>{KINDS[k]}</h3><img src='{k}.png' style='max-width:100%'>" for k in KINDS]
-    path = opt.out  # the file being written, for the error message
+    written, path = [], opt.out  # path: the file being written, for the error message
     try:
         os.makedirs(opt.out, exist_ok=True)
         for kind, title in KINDS.items():
@@ -122,13 +122,15 @@ def main(argv: list[str]) -> None:
             fig = plot_attention(*res[kind], title, *chosen[kind])
             fig.savefig(path, dpi=80)
             plt.close(fig)
+            written.append(path)
         path = os.path.join(opt.out, "index.html")
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(page) + "\n")
+        written.append(path)
     except OSError as e:
         raise UserError(f"cannot write {path} (--out={opt.out}): {e.strerror or e}") from None
     log(f"translation: {res['translation']}")
-    print("\n".join(os.path.join(opt.out, name) for name in [f"{kind}.png" for kind in KINDS] + ["index.html"]))
+    print("\n".join(written))
 
 
 if __name__ == "__main__":
